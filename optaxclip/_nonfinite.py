@@ -1,0 +1,87 @@
+"""The ``nonfinite=`` policy shared by every clipper: what to do with NaN/Inf gradients.
+
+Policies:
+
+* ``"propagate"`` (default): the gradient is passed through untouched, not scaled, so the
+  NaN/Inf reaches whatever comes next (a loss scaler, :func:`optaxclip.skip_nonfinite`,
+  ``optax.apply_if_finite``) where it can be detected and the step skipped, while the finite
+  leaves keep their values. It never turns finite leaves into 0 or NaN, unlike
+  ``optax.clip_by_global_norm`` (Inf zeroes the finite leaves, NaN spreads to all of them).
+* ``"zero"``: the whole update becomes zeros (a silent skip for plain SGD; with stateful
+  optimizers prefer :func:`optaxclip.skip_nonfinite`, which also freezes their state).
+* ``"error"``: raises ``FloatingPointError`` naming the path of the first non-finite leaf.
+  The check runs on the device and calls back to Python only when a non-finite value is
+  present, so it costs nothing on healthy steps; under ``jit`` the error surfaces (wrapped in
+  a ``JaxRuntimeError``) when the result is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from optaxclip._validation import path_str
+
+
+def raise_if_nonfinite(
+    policy: str, finite: jax.Array, paths: Sequence[Any], leaves: Sequence[jax.Array], clipper: str
+) -> None:
+    """Under ``policy == "error"``, raises (from the device) when ``finite`` is False."""
+    if policy != "error" or not leaves:
+        return
+    names = [path_str(p) for p in paths]
+
+    def report(flags: Any) -> None:
+        flags = np.asarray(flags).reshape(-1, len(names)).all(axis=0)
+        if flags.all():
+            return
+        first = int(np.argmin(flags))
+        raise FloatingPointError(
+            f"{clipper}: the gradient leaf {names[first]} holds NaN or Inf (nonfinite='error'). "
+            f"Use nonfinite='propagate' or wrap the optimizer in optaxclip.skip_nonfinite to "
+            f"skip such steps instead."
+        )
+
+    def check() -> None:
+        jax.debug.callback(report, jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+    lax.cond(finite, lambda: None, check)
+
+
+def scale_leaves(
+    leaves: Sequence[jax.Array], scales: Sequence[jax.Array], policy: str, finite: jax.Array
+) -> list[jax.Array]:
+    """Multiplies each leaf by its scale, applying the non-finite policy.
+
+    Each output keeps its input dtype. fp16/bf16 leaves are multiplied in float32 and rounded
+    once. A scale of exactly 1 returns the leaf bit for bit.
+    """
+    out = []
+    for leaf, scale in zip(leaves, scales, strict=True):
+        if policy == "zero":
+            out.append(jnp.where(finite, multiply(leaf, scale), jnp.zeros_like(leaf)))
+        else:
+            out.append(multiply(leaf, jnp.where(finite, scale, 1)))
+    return out
+
+
+def select_leaves(
+    leaves: Sequence[jax.Array], transformed: Sequence[jax.Array], policy: str, finite: jax.Array
+) -> list[jax.Array]:
+    """Keeps ``transformed`` when finite; otherwise the input (propagate) or zeros (zero)."""
+    if policy == "zero":
+        return [jnp.where(finite, t, jnp.zeros_like(t)) for t in transformed]
+    return [jnp.where(finite, t, x) for x, t in zip(leaves, transformed, strict=True)]
+
+
+def multiply(leaf: jax.Array, scale: jax.Array) -> jax.Array:
+    """``leaf * scale`` in the leaf's dtype (low precision goes through float32)."""
+    if leaf.dtype in (jnp.float16, jnp.bfloat16):
+        return (leaf.astype(jnp.float32) * scale.astype(jnp.float32)).astype(leaf.dtype)
+    real = jnp.finfo(leaf.dtype).dtype
+    return leaf * scale.astype(real)

@@ -1,0 +1,473 @@
+"""Static clippers: by global norm, by per-leaf norm, by value, by block RMS.
+
+Each is a drop-in ``optax.GradientTransformation`` whose state is a :class:`ClipState`
+carrying :class:`ClipStats`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves, select_leaves
+from optaxclip._numerics import (
+    combine_norms,
+    norm_of_leaves,
+    norms_per_leaf,
+    sum_across_devices,
+)
+from optaxclip._stats import ClipStats, initial_stats, make_stats
+from optaxclip._thresholds import Threshold, ThresholdLike
+from optaxclip._validation import (
+    check_float_leaves,
+    check_name,
+    check_nonfinite,
+    normalize_ord,
+    path_str,
+)
+
+
+class ClipState(NamedTuple):
+    """State of a static clipper: only what it did on its last step."""
+
+    stats: ClipStats
+
+
+def flatten_updates(updates: Any, name: str = "updates") -> tuple[list[Any], list[jax.Array], Any]:
+    """Flattens a gradient pytree, checking that every leaf is floating point."""
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    check_float_leaves(paths_leaves, name)
+    return [p for p, _ in paths_leaves], [x for _, x in paths_leaves], treedef
+
+
+def check_params(params: Any) -> None:
+    """At ``init``: the parameters the gradients will mirror must be floating point."""
+    check_float_leaves(jax.tree_util.tree_leaves_with_path(params), "params")
+
+
+def global_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``min(1, threshold / norm)`` in the double-where form, and whether it clipped."""
+    threshold = threshold.astype(norm.dtype)
+    over = norm > threshold
+    return jnp.where(over, threshold / jnp.where(over, norm, 1), 1), over
+
+
+def clip_to_global_norm(
+    paths: list[Any],
+    leaves: list[jax.Array],
+    norm: jax.Array,
+    limit: jax.Array,
+    policy: str,
+    label: str,
+    count: jax.Array,
+) -> tuple[list[jax.Array], ClipStats]:
+    """Scales ``leaves`` (whose global norm is ``norm``) down to ``limit`` if above it.
+
+    The one implementation of "clip by a global threshold" that every global clipper, static
+    or adaptive, goes through: double-where scale, non-finite policy, dtype-preserving multiply
+    and the ClipStats (``count`` is the value to store, i.e. including this step).
+    """
+    finite = jnp.isfinite(norm)
+    scale, _ = global_scale(norm, limit)
+    raise_if_nonfinite(policy, finite, paths, leaves, label)
+    out = scale_leaves(leaves, [scale] * len(leaves), policy, finite)
+    applied = jnp.where(finite, scale, 0 if policy == "zero" else 1)
+    post = jnp.where(finite, norm * scale, 0 if policy == "zero" else norm)
+    stats = make_stats(
+        label,
+        count=count,
+        pre_clip_norm=norm,
+        post_clip_norm=post,
+        threshold=limit,
+        clipped_fraction=(applied < 1).astype(jnp.float32),
+    )
+    return out, stats._replace(scale=applied.astype(jnp.float32))
+
+
+def clip_by_global_norm(
+    max_norm: ThresholdLike,
+    *,
+    ord: float | int | str | None = None,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Rescales the whole gradient when its global norm exceeds ``max_norm``.
+
+    If ``norm > max_norm``, every leaf is multiplied by ``max_norm / norm``; otherwise the
+    leaves are returned bit for bit unchanged. The norm is exact in fp16/bf16 (float32
+    accumulation, no overflow), ``max_norm=0`` gives zeros (never NaN), derivatives through
+    the update are finite everywhere, and each output leaf keeps its dtype. Same name and
+    call shape as ``optax.clip_by_global_norm`` (and ``torch.nn.utils.clip_grad_norm_``).
+
+    Args:
+      max_norm: the threshold: a number >= 0 or a schedule ``step -> value`` (the step is
+        counted in the state).
+      ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or any real
+        p >= 1.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
+        :mod:`optaxclip._nonfinite`. The default passes a NaN/Inf gradient through unscaled so
+        that a downstream guard can skip the step without finite leaves being altered.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is split
+        across; the norm is then that of the whole gradient.
+      layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of specs or
+        ``(path, leaf) -> spec``), so that leaves replicated along an axis are counted once;
+        see :mod:`optaxclip._layout`. Default: every leaf split along all of ``axis_name``.
+      name: label for :func:`clip_stats` (default ``"clip_by_global_norm"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
+
+    Raises:
+      ValueError: a negative or NaN ``max_norm``, ``ord < 1``, an unknown ``nonfinite``.
+      TypeError: a non-float gradient leaf (names its path).
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> clipper = optaxclip.clip_by_global_norm(1.0)
+      >>> grads = {"w": jnp.array([3.0, 4.0])}
+      >>> state = clipper.init(grads)
+      >>> clipped, state = clipper.update(grads, state)
+      >>> print(clipped["w"], float(state.stats.pre_clip_norm))
+      [0.6 0.8] 5.0
+
+    References:
+      Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks",
+      ICML 2013 (https://arxiv.org/abs/1211.5063).
+    """
+    threshold = Threshold(max_norm, "max_norm", per_leaf=False)
+    p = normalize_ord(ord)
+    policy = check_nonfinite(nonfinite)
+    normalize_axis_names(axis_name)
+    label = check_name(name, "clip_by_global_norm")
+
+    def init_fn(params: Any) -> ClipState:
+        check_params(params)
+        threshold.check_schedule_start()
+        return ClipState(stats=initial_stats(label))
+
+    def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
+        del params
+        paths, leaves, treedef = flatten_updates(updates)
+        count = state.stats.count
+        limit = threshold.scalar(count)
+        norm = norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        out, stats = clip_to_global_norm(paths, leaves, norm, limit, policy, label, count + 1)
+        return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _per_leaf_norm_clipper(
+    threshold: Threshold,
+    p: float,
+    policy: str,
+    axis_name: AxisName,
+    layout: Layout,
+    label: str,
+    rms: bool,
+) -> optax.GradientTransformation:
+    """Shared body of clip_by_leaf_norm and clip_by_block_rms (RMS = L2 norm / sqrt(size))."""
+
+    normalize_axis_names(axis_name)
+
+    def init_fn(params: Any) -> ClipState:
+        check_params(params)
+        threshold.validate_for(params)
+        return ClipState(stats=initial_stats(label))
+
+    def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
+        del params
+        paths, leaves, treedef = flatten_updates(updates)
+        count = state.stats.count
+        limits = threshold.per_leaf_values(updates, count)
+        leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
+        norms = norms_per_leaf(leaves, p, leaf_axes)
+        if not leaves:
+            return updates, ClipState(
+                stats=make_stats(
+                    label,
+                    count=count + 1,
+                    pre_clip_norm=0.0,
+                    post_clip_norm=0.0,
+                    threshold=jnp.inf,
+                    clipped_fraction=0.0,
+                )
+            )
+        limit_vector = jnp.stack(limits).astype(norms.dtype)
+        if rms:
+            sizes = jnp.stack(
+                [
+                    jnp.asarray(max(x.size, 1), norms.dtype) * (lax.psum(1, axes) if axes else 1)
+                    for x, axes in zip(leaves, leaf_axes, strict=True)
+                ]
+            )
+            norm_limits = limit_vector * jnp.sqrt(sizes)
+        else:
+            norm_limits = limit_vector
+        over = norms > norm_limits
+        scales = jnp.where(over, norm_limits / jnp.where(over, norms, 1), 1)
+        finite = jnp.all(jnp.isfinite(norms))
+        raise_if_nonfinite(policy, finite, paths, leaves, label)
+        out = scale_leaves(leaves, [scales[i] for i in range(len(leaves))], policy, finite)
+        pre = combine_norms(norms, p)
+        post_if_finite = combine_norms(norms * scales, p)
+        post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
+        clipped = jnp.where(
+            finite, jnp.mean(over.astype(jnp.float32)), 1.0 if policy == "zero" else 0.0
+        )
+        stats = make_stats(
+            label,
+            count=count + 1,
+            pre_clip_norm=pre,
+            post_clip_norm=post,
+            threshold=jnp.min(limit_vector),
+            clipped_fraction=clipped,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_leaf_norm(
+    max_norm: ThresholdLike,
+    *,
+    ord: float | int | str | None = None,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Bounds each leaf by its own norm: ``g_i * min(1, max_norm_i / ||g_i||)``.
+
+    This is Keras ``clipnorm`` and ``tf.clip_by_norm`` applied to every leaf. Leaves under
+    their threshold are returned bit for bit.
+
+    Args:
+      max_norm: a number, a schedule ``step -> value``, a pytree of numbers matching the
+        gradient tree (or a prefix of it, e.g. ``{"head": 10.0, "body": 1.0}``), or a function
+        ``(path, leaf) -> number`` (e.g. a wider range for the output layer).
+      ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or any real
+        p >= 1.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
+      axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split across.
+      layout: with ``axis_name``, the PartitionSpec of each leaf; see
+        :func:`clip_by_global_norm`.
+      name: label for :func:`clip_stats` (default ``"clip_by_leaf_norm"``).
+
+    Returns:
+      An ``optax.GradientTransformation``; ``ClipStats.clipped_fraction`` is the fraction of
+      leaves clipped and ``threshold`` the smallest per-leaf threshold.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> grads = {"body": jnp.array([3.0, 4.0]), "head": jnp.array([6.0, 8.0])}
+      >>> clipper = optaxclip.clip_by_leaf_norm({"body": 1.0, "head": 5.0})
+      >>> clipped, state = clipper.update(grads, clipper.init(grads))
+      >>> print(clipped["body"], clipped["head"])
+      [0.6 0.8] [3. 4.]
+      >>> print(float(state.stats.clipped_fraction))
+      1.0
+
+    References:
+      Keras ``Optimizer(clipnorm=...)``; ``tf.clip_by_norm``.
+    """
+    threshold = Threshold(max_norm, "max_norm", per_leaf=True)
+    return _per_leaf_norm_clipper(
+        threshold,
+        normalize_ord(ord),
+        check_nonfinite(nonfinite),
+        axis_name,
+        layout,
+        check_name(name, "clip_by_leaf_norm"),
+        rms=False,
+    )
+
+
+def clip_by_block_rms(
+    threshold: ThresholdLike,
+    *,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Bounds the root mean square of each leaf: ``g_i / max(1, rms(g_i) / threshold_i)``.
+
+    Same semantics as ``optax.clip_by_block_rms`` (the update clipping of Adafactor), with an
+    exact float32 RMS for low-precision leaves, per-leaf thresholds and stats.
+
+    Args:
+      threshold: the RMS bound; a number, a schedule, a pytree of numbers (or prefix) or a
+        function ``(path, leaf) -> number``.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
+      axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split across
+        (the RMS then uses the full leaf size).
+      layout: with ``axis_name``, the PartitionSpec of each leaf; see
+        :func:`clip_by_global_norm`.
+      name: label for :func:`clip_stats` (default ``"clip_by_block_rms"``).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> grads = {"w": jnp.full((4,), 2.0)}
+      >>> clipper = optaxclip.clip_by_block_rms(1.0)
+      >>> clipped, _ = clipper.update(grads, clipper.init(grads))
+      >>> print(clipped["w"])
+      [1. 1. 1. 1.]
+
+    References:
+      Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
+      ICML 2018 (https://arxiv.org/abs/1804.04235).
+    """
+    spec = Threshold(threshold, "threshold", per_leaf=True)
+    return _per_leaf_norm_clipper(
+        spec,
+        2.0,
+        check_nonfinite(nonfinite),
+        axis_name,
+        layout,
+        check_name(name, "clip_by_block_rms"),
+        rms=True,
+    )
+
+
+def clip_by_value(
+    max_delta: ThresholdLike,
+    min_delta: ThresholdLike | None = None,
+    *,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Clamps every element into ``[min_delta, max_delta]`` (default ``[-max_delta, max_delta]``).
+
+    The equivalent of ``optax.clip`` and ``torch.nn.utils.clip_grad_value_``. Both bounds
+    accept numbers, schedules, per-leaf pytrees or ``(path, leaf) -> number`` functions.
+    Under the default ``nonfinite="propagate"`` a gradient holding NaN/Inf is passed through
+    unchanged (an Inf is not silently clamped to a finite bound).
+
+    The stats report the L2 norms before and after, ``threshold = max_delta`` (the smallest
+    per-leaf value) and ``clipped_fraction`` = the fraction of elements clamped. Computing them
+    reads the gradient in the same fused loop as the clamp.
+
+    Args:
+      max_delta: the upper bound (>= 0 when ``min_delta`` is None).
+      min_delta: the lower bound; must not exceed ``max_delta``. Defaults to ``-max_delta``.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
+      axis_name: inside ``shard_map``/``pmap``, the axis name(s) for the reported norms and
+        fraction.
+      layout: with ``axis_name``, the PartitionSpec of each leaf; see
+        :func:`clip_by_global_norm`.
+      name: label for :func:`clip_stats` (default ``"clip_by_value"``).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Raises:
+      ValueError: ``min_delta > max_delta`` (names the leaf for per-leaf specs), NaN bounds,
+        a negative ``max_delta`` without ``min_delta``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> grads = {"w": jnp.array([-3.0, 0.5, 2.0])}
+      >>> clipper = optaxclip.clip_by_value(1.0)
+      >>> clipped, state = clipper.update(grads, clipper.init(grads))
+      >>> print(clipped["w"])
+      [-1.   0.5  1. ]
+      >>> print(round(float(state.stats.clipped_fraction), 4))
+      0.6667
+    """
+    symmetric = min_delta is None
+    upper = Threshold(
+        max_delta, "max_delta", per_leaf=True, minimum=0.0 if symmetric else -math.inf
+    )
+    lower = (
+        None if symmetric else Threshold(min_delta, "min_delta", per_leaf=True, minimum=-math.inf)
+    )
+    policy = check_nonfinite(nonfinite)
+    normalize_axis_names(axis_name)
+    label = check_name(name, "clip_by_value")
+    if (
+        lower is not None
+        and upper.kind == "constant"
+        and lower.kind == "constant"
+        and not isinstance(max_delta, jax.core.Tracer)
+        and not isinstance(min_delta, jax.core.Tracer)
+        and float(min_delta) > float(max_delta)  # type: ignore[arg-type]
+    ):
+        raise ValueError(f"min_delta ({min_delta}) must not exceed max_delta ({max_delta}).")
+
+    def bounds(tree: Any, count: jax.Array) -> tuple[list[jax.Array], list[jax.Array]]:
+        highs = upper.per_leaf_values(tree, count)
+        lows = [-h for h in highs] if lower is None else lower.per_leaf_values(tree, count)
+        return lows, highs
+
+    def init_fn(params: Any) -> ClipState:
+        check_params(params)
+        upper.validate_for(params)
+        if lower is not None:
+            lower.validate_for(params)
+            lows, highs = bounds(params, jnp.zeros((), jnp.int32))
+            for (path, _), lo, hi in zip(
+                jax.tree_util.tree_leaves_with_path(params), lows, highs, strict=True
+            ):
+                if (
+                    not isinstance(lo, jax.core.Tracer)
+                    and not isinstance(hi, jax.core.Tracer)
+                    and float(lo) > float(hi)
+                ):
+                    raise ValueError(
+                        f"min_delta ({float(lo)}) exceeds max_delta ({float(hi)}) at "
+                        f"leaf {path_str(path)}."
+                    )
+        return ClipState(stats=initial_stats(label))
+
+    def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
+        del params
+        paths, leaves, treedef = flatten_updates(updates)
+        count = state.stats.count
+        lows, highs = bounds(updates, count)
+        leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
+        clamped, counts = [], []
+        for x, lo, hi in zip(leaves, lows, highs, strict=True):
+            real = jnp.finfo(x.dtype).dtype
+            lo_x, hi_x = lo.astype(real), hi.astype(real)
+            clamped.append(jnp.clip(x, lo_x, hi_x))
+            counts.append(jnp.sum(((x < lo_x) | (x > hi_x)).astype(jnp.float32)))
+        pre = norm_of_leaves(leaves, 2.0, leaf_axes)
+        finite = jnp.isfinite(pre)
+        raise_if_nonfinite(policy, finite, paths, leaves, label)
+        out = select_leaves(leaves, clamped, policy, finite)
+        post_if_finite = norm_of_leaves(clamped, 2.0, leaf_axes)
+        n_clipped = sum_across_devices(counts, leaf_axes)
+        total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
+        fraction = n_clipped / jnp.maximum(total, 1)
+        post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
+        fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
+        limit = jnp.min(jnp.stack(highs)) if highs else jnp.asarray(jnp.inf)
+        stats = make_stats(
+            label,
+            count=count + 1,
+            pre_clip_norm=pre,
+            post_clip_norm=post,
+            threshold=limit,
+            clipped_fraction=fraction,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)

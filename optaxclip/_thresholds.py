@@ -1,0 +1,168 @@
+"""One way to say "a threshold": a number, a schedule, or (per leaf) a pytree or a function.
+
+Every clipper resolves its thresholds here, so validation and error messages are the same
+everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optaxclip._validation import check_number, is_concrete_number, path_str
+
+# What users may pass: a scalar, a schedule ``step -> value``, or for per-leaf clippers a
+# pytree of scalars (matching the gradient tree or a prefix of it) or ``(path, leaf) -> value``.
+ThresholdLike = Any
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int | None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = [
+        p
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values()):
+        return None
+    return len(params)
+
+
+class Threshold:
+    """A validated threshold specification.
+
+    Kinds: ``"constant"`` (a number or traced scalar), ``"schedule"`` (``step -> value``),
+    ``"tree"`` (a pytree of numbers, per leaf) and ``"function"`` (``(path, leaf) -> number``,
+    per leaf).
+    """
+
+    def __init__(
+        self, value: ThresholdLike, name: str, *, per_leaf: bool, minimum: float = 0.0
+    ) -> None:
+        self.name = name
+        self.minimum = minimum
+        self.value = value
+        if callable(value) and not isinstance(value, (jax.Array,)):
+            arity = _positional_arity(value)
+            if arity == 1:
+                self.kind = "schedule"
+            elif arity == 2 and per_leaf:
+                self.kind = "function"
+            elif arity == 2:
+                raise TypeError(
+                    f"{name} got a callable of two arguments, which means a per-leaf threshold "
+                    f"(path, leaf) -> value; this clipper takes a single global threshold: pass "
+                    f"a number or a schedule step -> value."
+                )
+            else:
+                raise TypeError(
+                    f"{name} must be a number, a schedule (a callable step -> value)"
+                    + (
+                        ", a pytree of numbers or a callable (path, leaf) -> value"
+                        if per_leaf
+                        else ""
+                    )
+                    + f"; got a callable with an unsupported signature: {value!r}."
+                )
+        elif is_concrete_number(value) or isinstance(value, (jax.core.Tracer, bool)):
+            self.kind = "constant"
+            check_number(value, name, minimum=minimum)
+        elif per_leaf:
+            self.kind = "tree"
+            leaves = jax.tree_util.tree_leaves_with_path(value)
+            if not leaves:
+                raise ValueError(
+                    f"{name} is an empty pytree; give one number per leaf or a prefix."
+                )
+            for path, leaf in leaves:
+                check_number(leaf, name, path=path_str(path), minimum=minimum)
+        else:
+            raise TypeError(
+                f"{name} must be a number or a schedule (a callable step -> value), "
+                f"got {type(value).__name__} {value!r}."
+            )
+
+    @property
+    def is_per_leaf(self) -> bool:
+        return self.kind in ("tree", "function")
+
+    def check_schedule_start(self) -> None:
+        """Evaluates a schedule at step 0 and validates the value, where it is concrete."""
+        if self.kind == "schedule":
+            first = self.value(0)
+            if is_concrete_number(first):
+                check_number(first, f"{self.name} (schedule value at step 0)", minimum=self.minimum)
+
+    def scalar(self, count: jax.Array) -> jax.Array:
+        """The global threshold at step ``count`` (number of updates before this one)."""
+        if self.kind == "schedule":
+            return jnp.asarray(self.value(count), jnp.float32)
+        return jnp.asarray(self.value, jnp.float32)
+
+    def per_leaf_values(self, tree: Any, count: jax.Array) -> list[jax.Array]:
+        """One float32 threshold per leaf of ``tree`` (in ``tree_leaves`` order).
+
+        Raises ValueError naming the parameter and leaf path if a pytree spec does not match
+        ``tree`` or a value is invalid.
+        """
+        paths_leaves = jax.tree_util.tree_leaves_with_path(tree)
+        if self.kind in ("constant", "schedule"):
+            value = self.scalar(count)
+            return [value] * len(paths_leaves)
+        if self.kind == "function":
+            out = []
+            for path, leaf in paths_leaves:
+                value = self.value(path, leaf)
+                if callable(value):
+                    raise TypeError(
+                        f"{self.name} returned a callable for leaf {path_str(path)}; "
+                        f"a per-leaf function must return a number."
+                    )
+                check_number(value, self.name, path=path_str(path), minimum=self.minimum)
+                out.append(jnp.asarray(value, jnp.float32))
+            return out
+        return [jnp.asarray(v, jnp.float32) for v in self._broadcast(tree)]
+
+    def _broadcast(self, tree: Any) -> list[Any]:
+        """Broadcasts a pytree spec (the tree's structure or a prefix) to every leaf."""
+        try:
+            expanded = jax.tree.map(
+                lambda spec, subtree: jax.tree.map(lambda _: spec, subtree),
+                self.value,
+                tree,
+                is_leaf=lambda x: x is None,
+            )
+        except (ValueError, TypeError) as error:
+            raise ValueError(
+                f"{self.name}: the per-leaf threshold pytree must match the gradient tree or be a "
+                f"prefix of it. {_describe_mismatch(self.value, tree)} (JAX said: {error})"
+            ) from None
+        return jax.tree_util.tree_leaves(expanded)
+
+    def validate_for(self, tree: Any) -> None:
+        """Checks the spec against a tree (at ``init``), naming the offending path."""
+        self.check_schedule_start()
+        if self.is_per_leaf:
+            self.per_leaf_values(tree, jnp.zeros((), jnp.int32))
+
+
+def _describe_mismatch(spec: Any, tree: Any) -> str:
+    spec_paths = {path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(spec)}
+    tree_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    uncovered = [
+        p for p in tree_paths if not any(p.startswith(s) or s == "<root>" for s in spec_paths)
+    ]
+    extra = [s for s in sorted(spec_paths) if not any(p.startswith(s) for p in tree_paths)]
+    parts = []
+    if extra:
+        parts.append(f"Spec leaf {extra[0]} has no counterpart in the gradient tree.")
+    if uncovered:
+        parts.append(f"Gradient leaf {uncovered[0]} has no threshold.")
+    return " ".join(parts) if parts else "The structures differ."
