@@ -1,6 +1,12 @@
 """optaxclip: gradient clipping for JAX/Optax that is exact, fast and reports what it did."""
 
+from optaxclip._adagc import AdaGCState, adagc
+from optaxclip._agc import AGCState, adaptive_grad_clip, unit_reduction_axes
+from optaxclip._autoclip import AutoClipState, autoclip
+from optaxclip._guards import SkipNonfiniteState, SkipSpikesState, skip_nonfinite, skip_spikes
+from optaxclip._layout import layout_from_shardings
 from optaxclip._numerics import global_norm, leaf_norms
+from optaxclip._quantile import QuantileClipState, quantile_clip
 from optaxclip._static import (
     ClipState,
     clip_by_block_rms,
@@ -9,17 +15,34 @@ from optaxclip._static import (
     clip_by_value,
 )
 from optaxclip._stats import ClipStats, clip_stats
+from optaxclip._zclip import ZClipState, zclip
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGCState",
+    "AdaGCState",
+    "AutoClipState",
     "ClipState",
     "ClipStats",
+    "QuantileClipState",
+    "SkipNonfiniteState",
+    "SkipSpikesState",
+    "ZClipState",
+    "adagc",
+    "adaptive_grad_clip",
+    "autoclip",
     "clip_by_block_rms",
     "clip_by_global_norm",
     "clip_by_leaf_norm",
     "clip_by_value",
     "clip_stats",
     "global_norm",
+    "layout_from_shardings",
     "leaf_norms",
+    "quantile_clip",
+    "skip_nonfinite",
+    "skip_spikes",
+    "unit_reduction_axes",
+    "zclip",
 ]

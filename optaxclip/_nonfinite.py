@@ -31,7 +31,11 @@ from optaxclip._validation import path_str
 def raise_if_nonfinite(
     policy: str, finite: jax.Array, paths: Sequence[Any], leaves: Sequence[jax.Array], clipper: str
 ) -> None:
-    """Under ``policy == "error"``, raises (from the device) when ``finite`` is False."""
+    """Under ``policy == "error"``, raises when ``finite`` is False.
+
+    Eagerly the ``FloatingPointError`` is raised directly; under ``jit`` it is raised from a
+    device callback and arrives wrapped in a ``JaxRuntimeError`` carrying the same message.
+    """
     if policy != "error" or not leaves:
         return
     names = [path_str(p) for p in paths]
@@ -47,10 +51,17 @@ def raise_if_nonfinite(
             f"skip such steps instead."
         )
 
-    def check() -> None:
-        jax.debug.callback(report, jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    def flags() -> jax.Array:
+        return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
 
-    lax.cond(finite, lambda: None, check)
+    if not isinstance(finite, jax.core.Tracer):
+        # Outside jit the check can run here, so the FloatingPointError reaches the caller
+        # as itself rather than wrapped in a runtime error from the callback machinery.
+        if not bool(finite):
+            report(flags())
+        return
+
+    lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, flags()))
 
 
 def scale_leaves(

@@ -56,11 +56,15 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 def safe_root(total: jax.Array, p: float) -> jax.Array:
-    """``total ** (1/p)`` for total >= 0, with a finite derivative at 0 (which is 0)."""
+    """``total ** (1/p)`` for total >= 0, with a finite derivative at 0 (which is 0).
+
+    A NaN total stays NaN: a NaN gradient must not get the norm 0, which would hide it from
+    the non-finite policies.
+    """
     positive = total > 0
     safe = jnp.where(positive, total, 1)
     root = jnp.sqrt(safe) if p == 2 else safe ** (1.0 / p)
-    return jnp.where(positive, root, 0)
+    return jnp.where(positive, root, jnp.where(jnp.isnan(total), total, 0))
 
 
 def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -97,7 +101,11 @@ def _power_sum(
 def _abs_max(x: jax.Array, acc: jnp.dtype) -> jax.Array:
     if x.size == 0:
         return jnp.zeros((), acc)
-    return jnp.max(_magnitude(x, acc))
+    # NaN is kept by a separate flag: on a sharded array the max becomes a cross-device
+    # max, which XLA's CPU collectives compute without propagating NaN.
+    mag = _magnitude(x, acc)
+    nan = jnp.isnan(mag)
+    return jnp.where(jnp.any(nan), jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, mag)))
 
 
 def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
@@ -105,7 +113,11 @@ def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 def _pmax(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return lax.pmax(x, axes) if axes else x
+    """``lax.pmax`` that keeps NaN (the cross-device max of XLA's CPU collectives drops it)."""
+    if not axes:
+        return x
+    nan = lax.pmax(jnp.isnan(x).astype(jnp.int32), axes) > 0
+    return jnp.where(nan, jnp.nan, lax.pmax(jnp.where(jnp.isnan(x), -jnp.inf, x), axes))
 
 
 def _group_by_axes(leaf_axes: Sequence[tuple[str, ...]]) -> dict[tuple[str, ...], list[int]]:

@@ -51,6 +51,16 @@ def check_params(params: Any) -> None:
     check_float_leaves(jax.tree_util.tree_leaves_with_path(params), "params")
 
 
+def _check_real_leaves(paths_and_leaves: Any, name: str, label: str) -> None:
+    """Value clipping orders the elements, which complex numbers do not allow."""
+    for path, leaf in paths_and_leaves:
+        if jnp.iscomplexobj(leaf):
+            raise TypeError(
+                f"{label}: {name} leaf {path_str(path)} has the complex dtype {leaf.dtype}; "
+                f"clamping needs real values (use a norm clipper such as clip_by_leaf_norm)."
+            )
+
+
 def global_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``min(1, threshold / norm)`` in the double-where form, and whether it clipped."""
     threshold = threshold.astype(norm.dtype)
@@ -119,7 +129,8 @@ def clip_by_global_norm(
         across; the norm is then that of the whole gradient.
       layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of specs or
         ``(path, leaf) -> spec``), so that leaves replicated along an axis are counted once;
-        see :mod:`optaxclip._layout`. Default: every leaf split along all of ``axis_name``.
+        see :mod:`optaxclip._layout`. Default: inside ``shard_map(check_vma=True)`` read
+        from JAX's types; elsewhere every leaf is taken as split along all of ``axis_name``.
       name: label for :func:`clip_stats` (default ``"clip_by_global_norm"``).
 
     Returns:
@@ -214,7 +225,10 @@ def _per_leaf_norm_clipper(
         else:
             norm_limits = limit_vector
         over = norms > norm_limits
-        scales = jnp.where(over, norm_limits / jnp.where(over, norms, 1), 1)
+        # A threshold of 0 zeroes a leaf even when its norm rounds to 0 (entries below ~1e-19,
+        # see _numerics._needs_rescue); the stats still count it as unclipped, like a zero leaf.
+        shrink = over | (norm_limits == 0)
+        scales = jnp.where(shrink, norm_limits / jnp.where(over, norms, 1), 1)
         finite = jnp.all(jnp.isfinite(norms))
         raise_if_nonfinite(policy, finite, paths, leaves, label)
         out = scale_leaves(leaves, [scales[i] for i in range(len(leaves))], policy, finite)
@@ -380,6 +394,7 @@ def clip_by_value(
     Raises:
       ValueError: ``min_delta > max_delta`` (names the leaf for per-leaf specs), NaN bounds,
         a negative ``max_delta`` without ``min_delta``.
+      TypeError: an integer or complex leaf (names its path).
 
     Examples:
       >>> import jax.numpy as jnp
@@ -419,6 +434,7 @@ def clip_by_value(
 
     def init_fn(params: Any) -> ClipState:
         check_params(params)
+        _check_real_leaves(jax.tree_util.tree_leaves_with_path(params), "params", label)
         upper.validate_for(params)
         if lower is not None:
             lower.validate_for(params)
@@ -440,6 +456,7 @@ def clip_by_value(
     def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
+        _check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
         count = state.stats.count
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)

@@ -152,14 +152,15 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
       0.2
     """
     result: dict[str, jax.Array] = {}
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     for stats in _find_all(opt_state):
-        label = stats.name
-        if label in seen:
-            seen[label] += 1
-            label = f"{label}_{seen[stats.name]}"
-        else:
-            seen[label] = 0
+        # The suffix loop also steps over a user's own name that looks like a suffixed one
+        # (two "clip" and one "clip_1" give clip, clip_1, clip_1_1), so nothing is overwritten.
+        label, suffix = stats.name, 0
+        while label in used:
+            suffix += 1
+            label = f"{stats.name}_{suffix}"
+        used.add(label)
         for field in _FIELDS:
             result[f"{label}/{field}"] = _unwrap(getattr(stats, field))
     return result

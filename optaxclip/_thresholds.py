@@ -140,10 +140,18 @@ class Threshold:
                 is_leaf=lambda x: x is None,
             )
         except (ValueError, TypeError) as error:
+            mismatch = describe_mismatch(self.value, tree, "gradient")
             raise ValueError(
                 f"{self.name}: the per-leaf threshold pytree must match the gradient tree or be a "
-                f"prefix of it. {_describe_mismatch(self.value, tree)} (JAX said: {error})"
+                f"prefix of it. {mismatch} (JAX said: {error})"
             ) from None
+        values = dict(jax.tree_util.tree_leaves_with_path(expanded))
+        for path, _ in jax.tree_util.tree_leaves_with_path(tree):
+            if path not in values:
+                raise ValueError(
+                    f"{self.name}: no threshold for gradient leaf {path_str(path)}: the spec holds "
+                    f"None there. Give a number (inf for no clipping)."
+                )
         return jax.tree_util.tree_leaves(expanded)
 
     def validate_for(self, tree: Any) -> None:
@@ -153,16 +161,33 @@ class Threshold:
             self.per_leaf_values(tree, jnp.zeros((), jnp.int32))
 
 
-def _describe_mismatch(spec: Any, tree: Any) -> str:
-    spec_paths = {path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(spec)}
+def describe_mismatch(
+    spec: Any, tree: Any, tree_name: str, is_leaf: Callable[[Any], bool] | None = None
+) -> str:
+    """Names the first path where a per-leaf ``spec`` pytree and ``tree`` disagree.
+
+    Args:
+      spec: the pytree given by the user (the structure of ``tree`` or a prefix of it).
+      tree: the tree it should fit (gradients or parameters).
+      tree_name: what ``tree`` is, for the message (``"gradient"``, ``"parameter"``).
+      is_leaf: what counts as one entry of ``spec`` (as in ``jax.tree_util``).
+
+    Returns:
+      One or two sentences: a spec entry with no counterpart in ``tree`` and/or a leaf of
+      ``tree`` that no spec entry covers; a generic sentence when the paths all match but
+      the container types differ.
+    """
+    spec_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(spec, is_leaf)]
     tree_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-    uncovered = [
-        p for p in tree_paths if not any(p.startswith(s) or s == "<root>" for s in spec_paths)
-    ]
-    extra = [s for s in sorted(spec_paths) if not any(p.startswith(s) for p in tree_paths)]
+
+    def covers(prefix: str, path: str) -> bool:
+        return prefix == "<root>" or path.startswith(prefix)
+
+    extra = [s for s in spec_paths if not any(covers(s, p) for p in tree_paths)]
+    uncovered = [p for p in tree_paths if not any(covers(s, p) for s in spec_paths)]
     parts = []
     if extra:
-        parts.append(f"Spec leaf {extra[0]} has no counterpart in the gradient tree.")
+        parts.append(f"Spec entry {extra[0]} has no counterpart in the {tree_name} tree.")
     if uncovered:
-        parts.append(f"Gradient leaf {uncovered[0]} has no threshold.")
-    return " ".join(parts) if parts else "The structures differ."
+        parts.append(f"{tree_name.capitalize()} leaf {uncovered[0]} is not covered by the spec.")
+    return " ".join(parts) if parts else "The container types or structures differ."

@@ -70,6 +70,58 @@ def check_number(
         raise ValueError(f"{name}{where} must be >= {minimum:g}, got {number:g}.")
 
 
+def _concrete(value: Any) -> float | None:
+    """The value as a float, or None when it is traced (checked by JAX, not by us)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return float(np.asarray(value))
+
+
+def check_positive(value: Any, name: str, *, allow_inf: bool = False) -> None:
+    """Raises unless ``value`` is a real number > 0 (traced values are accepted)."""
+    check_number(value, name, allow_inf=allow_inf)
+    number = _concrete(value)
+    if number is not None and number <= 0:
+        raise ValueError(f"{name} must be > 0, got {number:g}.")
+
+
+def check_open_unit(value: Any, name: str) -> None:
+    """Raises unless ``0 < value < 1`` (traced values are accepted)."""
+    check_number(value, name, allow_inf=False)
+    number = _concrete(value)
+    if number is not None and not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {number:g}.")
+
+
+def check_count(value: Any, name: str, *, minimum: int) -> int:
+    """Returns ``value`` as an int; it must be an integer >= ``minimum``.
+
+    Accepts Python and NumPy integers and concrete 0-d integer arrays (what
+    ``optax.inject_hyperparams`` passes at ``init``). Counts fix the size of state arrays, so
+    they must be static: a traced value raises, telling to pass it through ``static_args``.
+    """
+    hint = f"with optax.inject_hyperparams pass static_args=({name!r},)."
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python integer (it sets the size of the state), not a "
+            f"traced value; {hint}"
+        )
+    if (
+        isinstance(value, (np.ndarray, jax.Array))
+        and np.ndim(value) == 0
+        and np.issubdtype(np.asarray(value).dtype, np.integer)
+    ):
+        value = np.asarray(value).item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(
+            f"{name} must be a Python integer (it sets the size of the state), got "
+            f"{type(value).__name__} {value!r}; {hint}"
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
 def normalize_ord(ord: Any, name: str = "ord") -> float:
     """Returns the norm order as a float (``math.inf`` for the max norm).
 

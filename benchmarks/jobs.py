@@ -1,0 +1,400 @@
+"""Jobs run in child processes, and the parent side that runs them with per-case timeouts.
+
+Every measurement runs in a child process (``python <script> --worker JSON``), so that a
+compile that runs away can be stopped, the parent holds no device memory, and compile times
+are taken in a fresh process. The child prints one ``@@BENCH {json}`` line when a case
+starts and one when it ends; the parent kills the child when a case runs past its timeout,
+records "timeout > Ns" for it and starts a new child for the remaining cases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+MARK = "@@BENCH "
+
+
+def emit(event: dict[str, Any]) -> None:
+    print(MARK + json.dumps(event), flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------
+
+
+def _lines(fd: int, timeout: float, buffer: bytearray) -> tuple[list[str], bool]:
+    """Complete lines available on ``fd`` within ``timeout`` seconds, and whether EOF."""
+    ready, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+    if not ready:
+        return [], False
+    chunk = os.read(fd, 1 << 16)
+    if not chunk:
+        rest = buffer.decode(errors="replace")
+        buffer.clear()
+        return ([rest] if rest else []), True
+    buffer.extend(chunk)
+    *complete, tail = buffer.split(b"\n")
+    buffer[:] = tail
+    return [c.decode(errors="replace") for c in complete], False
+
+
+def run_job(
+    script: str,
+    job: dict[str, Any],
+    *,
+    case_timeout: float,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Runs ``job["cases"]`` in child processes of ``script``; one record per case.
+
+    A case that does not finish within ``case_timeout`` seconds (its set-up included) gets
+    ``status="timeout"``; a child that dies gets ``status="error"`` for the case it was on.
+    """
+    remaining = [c["id"] for c in job["cases"]]
+    by_id = {c["id"]: c for c in job["cases"]}
+    records: dict[str, dict[str, Any]] = {}
+
+    def finish(case_id: str, record: dict[str, Any]) -> None:
+        records[case_id] = record
+        if case_id in remaining:
+            remaining.remove(case_id)
+        if on_record is not None:
+            on_record(record)
+
+    def failed(case_id: str, status: str, reason: str) -> dict[str, Any]:
+        return {**job.get("common", {}), **by_id[case_id], "status": status, "reason": reason}
+
+    while remaining:
+        sub = dict(job, cases=[by_id[i] for i in remaining])
+        proc = subprocess.Popen(
+            [sys.executable, script, "--worker", json.dumps(sub)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        buffer = bytearray()
+        current: str | None = None
+        progressed = False
+        deadline = time.monotonic() + case_timeout
+        eof = False
+        timed_out = False
+        while not eof:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
+            lines, eof = _lines(fd, deadline - now, buffer)
+            for line in lines:
+                if not line.startswith(MARK):
+                    if line.strip():
+                        print(line, file=sys.stderr, flush=True)
+                    continue
+                event = json.loads(line[len(MARK) :])
+                if event["event"] == "start":
+                    current = event["id"]
+                    deadline = time.monotonic() + case_timeout
+                elif event["event"] == "result":
+                    finish(event["id"], event["record"])
+                    current = None
+                    progressed = True
+                    deadline = time.monotonic() + case_timeout
+        if timed_out:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+            victim = current if current is not None else remaining[0]
+            finish(
+                victim,
+                failed(victim, "timeout", f"timeout > {case_timeout:.0f}s"),
+            )
+            continue
+        rc = proc.wait()
+        proc.stdout.close()
+        if current is not None:
+            finish(current, failed(current, "error", f"worker exited with code {rc}"))
+        elif remaining and not progressed:
+            for case_id in list(remaining):
+                finish(case_id, failed(case_id, "error", f"worker exited with code {rc}"))
+    return [records[c["id"]] for c in job["cases"] if c["id"] in records]
+
+
+# --------------------------------------------------------------------------------------
+# Child side
+# --------------------------------------------------------------------------------------
+
+
+def _error_record(case: dict[str, Any], common: dict[str, Any], exc: BaseException) -> dict:
+    lines = traceback.format_exception_only(type(exc), exc)
+    return {**common, **case, "status": "error", "reason": "".join(lines).strip()[-600:]}
+
+
+def _tree_info(spec: Any) -> dict[str, Any]:
+    return {
+        "tree": spec.name,
+        "tree_summary": spec.summary(),
+        "n_params": spec.n_params,
+        "n_leaves": spec.n_leaves,
+        "dtype": spec.dtype,
+        "itemsize": spec.itemsize,
+    }
+
+
+def bandwidth_job(job: dict[str, Any]) -> None:
+    import harness
+
+    common = job.get("common", {})
+    kernels = {k["name"]: k for k in harness.bandwidth_cases(job["n_elements"], job["dtype"])}
+    itemsize = harness.jnp.dtype(job["dtype"]).itemsize
+    for case in job["cases"]:
+        emit({"event": "start", "id": case["id"]})
+        try:
+            kernel = kernels[case["kernel"]]
+            timing, args = harness.time_step(
+                kernel["fn"],
+                kernel["make"](),
+                donate_argnums=kernel["donate"],
+                feed=kernel["feed"],
+                reps=job["reps"],
+                warmup=job["warmup"],
+            )
+            del args
+            gbps = harness.gb_per_s(kernel["passes"], job["n_elements"], itemsize, timing.median_ms)
+            record = {
+                **common,
+                **case,
+                "status": "ok",
+                "kind": kernel["kind"],
+                "passes": kernel["passes"],
+                "n_elements": job["n_elements"],
+                "mib": job["n_elements"] * itemsize / 2**20,
+                "timing": timing.as_dict(),
+                "gbps": gbps,
+            }
+        except Exception as exc:
+            record = _error_record(case, common, exc)
+        emit({"event": "result", "id": case["id"], "record": record})
+
+
+def steps_job(job: dict[str, Any]) -> None:
+    import harness
+
+    spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
+    common = {**job.get("common", {}), **_tree_info(spec), "optimizer": job["optimizer"]}
+    grads = harness.make_tree(spec, seed=1, std=spec.grad_std)
+    params = harness.make_tree(spec, seed=2, std=harness.PARAM_STD)
+    for case in job["cases"]:
+        emit({"event": "start", "id": case["id"]})
+        try:
+            record = _run_step_case(case, common, spec, grads, params, job)
+        except Exception as exc:
+            record = _error_record(case, common, exc)
+        emit({"event": "result", "id": case["id"], "record": record})
+
+
+def _run_step_case(case, common, spec, grads, params, job) -> dict[str, Any]:
+    import harness
+    import methods
+    import optax
+
+    mode = case["mode"]
+    passes: int | None
+    if mode == "optimizer":
+        tx = methods.optimizer(job["optimizer"])
+        fn, donate, feed = methods.train_step(tx)
+        p = harness.fresh_copy(params)
+        args = (p, harness.fresh_copy(tx.init(p)), grads)
+        passes = harness.ADAM_PASSES
+    elif mode == "dispatch":
+        tx = methods.optimizer(job["optimizer"])
+        fn, donate, feed = methods.dispatch_step()
+        p = harness.fresh_copy(params)
+        args = (p, harness.fresh_copy(tx.init(p)), grads)
+        passes = None
+    else:
+        method = methods.method_by_key(case["method"])
+        if method.factory is None:
+            return {**common, **case, "status": "skipped", "reason": method.missing}
+        clipper = method.factory(spec)
+        if mode == "chain":
+            tx = optax.chain(clipper, methods.optimizer(job["optimizer"]))
+            fn, donate, feed = methods.train_step(tx)
+            p = harness.fresh_copy(params)
+            args = (p, harness.fresh_copy(tx.init(p)), grads)
+            passes = method.chain_passes
+        elif mode == "clip":
+            fn, donate, feed = methods.clip_step(clipper, method.needs_params)
+            state = harness.fresh_copy(clipper.init(params))
+            g = harness.fresh_copy(grads)
+            args = (g, state, params) if method.needs_params else (g, state)
+            passes = method.clip_passes
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    timing, args = harness.time_step(
+        fn, args, donate_argnums=donate, feed=feed, reps=job["reps"], warmup=job["warmup"]
+    )
+    del args
+    record = {**common, **case, "status": "ok", "passes": passes, "timing": timing.as_dict()}
+    if passes is not None:
+        record["gbps"] = harness.gb_per_s(passes, spec.n_params, spec.itemsize, timing.median_ms)
+    return record
+
+
+def torch_job(job: dict[str, Any]) -> None:
+    import harness
+
+    spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
+    common = {**job.get("common", {}), **_tree_info(spec)}
+    try:
+        import torch
+    except ImportError as exc:
+        for case in job["cases"]:
+            emit({"event": "start", "id": case["id"]})
+            record = {**common, **case, "status": "skipped", "reason": f"no torch: {exc}"}
+            emit({"event": "result", "id": case["id"], "record": record})
+        return
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec.dtype]
+    gen = torch.Generator().manual_seed(0)
+    shapes = [s for _, s in spec.shapes]
+    params = [
+        torch.nn.Parameter((torch.randn(s, generator=gen) * harness.PARAM_STD).to(dtype))
+        for s in shapes
+    ]
+    base_grads = [(torch.randn(s, generator=gen) * spec.grad_std).to(dtype) for s in shapes]
+
+    def reset_grads() -> None:
+        for p, g in zip(params, base_grads, strict=True):
+            p.grad = g.clone()
+
+    std = spec.grad_std
+    for case in job["cases"]:
+        emit({"event": "start", "id": case["id"]})
+        try:
+            reset_grads()
+            name = case["method"]
+            if name in ("torch:adam_fused", "torch:clip_norm+adam_fused"):
+                opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+                if name == "torch:adam_fused":
+
+                    def step(opt=opt) -> None:
+                        opt.step()
+
+                else:
+
+                    def step(opt=opt) -> None:
+                        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                        opt.step()
+
+            elif name == "torch:clip_norm":
+
+                def step() -> None:
+                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+            elif name == "torch:clip_value_foreach":
+
+                def step() -> None:
+                    torch.nn.utils.clip_grad_value_(params, std, foreach=True)
+
+            elif name == "torch:clip_value_loop":
+
+                def step() -> None:
+                    torch.nn.utils.clip_grad_value_(params, std, foreach=False)
+
+            else:
+                raise ValueError(name)
+            with torch.no_grad():
+                timing = harness.time_python(step, reps=job["reps"], warmup=job["warmup"])
+            record = {
+                **common,
+                **case,
+                "status": "ok",
+                "timing": timing.as_dict(),
+                "torch_threads": torch.get_num_threads(),
+                "gbps": harness.gb_per_s(
+                    case["passes"], spec.n_params, spec.itemsize, timing.median_ms
+                ),
+            }
+        except Exception as exc:
+            record = _error_record(case, common, exc)
+        emit({"event": "result", "id": case["id"], "record": record})
+
+
+def compile_job(job: dict[str, Any]) -> None:
+    """lower + compile of one (method, mode) at one leaf count, from abstract shapes."""
+    import harness
+    import jax
+    import methods
+    import optax
+
+    n = job["n_leaves"]
+    spec = harness.TreeSpec(
+        f"uniform{n}", "float32", tuple(harness.uniform_shapes(n)), "1024-element leaves"
+    )
+    common = {**job.get("common", {}), "n_leaves": n}
+    tree = harness.abstract_tree(spec)
+    for case in job["cases"]:
+        emit({"event": "start", "id": case["id"]})
+        try:
+            mode = case["mode"]
+            if mode == "optimizer":
+                tx = methods.optimizer(job["optimizer"])
+                fn, donate, _ = methods.train_step(tx)
+                args = (tree, jax.eval_shape(tx.init, tree), tree)
+            else:
+                method = methods.method_by_key(case["method"])
+                if method.factory is None:
+                    raise LookupError(method.missing)
+                clipper = method.factory(spec)
+                if mode == "chain":
+                    tx = optax.chain(clipper, methods.optimizer(job["optimizer"]))
+                    fn, donate, _ = methods.train_step(tx)
+                    args = (tree, jax.eval_shape(tx.init, tree), tree)
+                else:
+                    fn, donate, _ = methods.clip_step(clipper, method.needs_params)
+                    state = jax.eval_shape(clipper.init, tree)
+                    args = (tree, state, tree) if method.needs_params else (tree, state)
+            t0 = time.perf_counter()
+            lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            record = {
+                **common,
+                **case,
+                "status": "ok",
+                "lower_s": t1 - t0,
+                "compile_s": t2 - t1,
+                "total_s": t2 - t0,
+            }
+        except LookupError as exc:
+            record = {**common, **case, "status": "skipped", "reason": str(exc)}
+        except Exception as exc:
+            record = _error_record(case, common, exc)
+        emit({"event": "result", "id": case["id"], "record": record})
+
+
+JOBS = {
+    "bandwidth": bandwidth_job,
+    "steps": steps_job,
+    "torch": torch_job,
+    "compile": compile_job,
+}
+
+
+def child_main(spec: str) -> None:
+    job = json.loads(spec)
+    if job["kind"] != "torch":
+        import harness
+
+        job["common"] = {**job.get("common", {}), "device": harness.device_description()}
+    JOBS[job["kind"]](job)

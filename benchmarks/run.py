@@ -1,0 +1,380 @@
+"""optaxclip benchmark suite: one command, JSON + markdown results.
+
+    python benchmarks/run.py                 # full CPU suite (long: see docs/performance.md)
+    python benchmarks/run.py --quick         # smoke run, a few minutes
+    python benchmarks/run.py --gpu           # clip + AdamW on a 1B-parameter tree (GPU)
+    python benchmarks/run.py --report benchmarks/results/suite.json   # print the tables again
+
+Sections (``--sections``): bandwidth (reference memory bandwidth), steps (every clipper
+alone and chained with Adam, against Adam alone and Optax's equivalents, on each tree), torch
+(PyTorch on CPU), compile (lower + compile against the number of leaves, one fresh process
+per point). ``--gpu`` runs bandwidth and gpu instead. Results go to ``--out``/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+TREES = ("transformer", "many_small", "single", "transformer_bf16")
+TORCH_CASES = (
+    ("torch:adam_fused", "optimizer", 7, "Adam(fused=True).step"),
+    ("torch:clip_norm+adam_fused", "chain", 8, "clip_grad_norm_(1.0, foreach=True) + Adam(fused)"),
+    ("torch:clip_norm", "clip", 3, "clip_grad_norm_(1.0, foreach=True)"),
+    ("torch:clip_value_foreach", "clip", 2, "clip_grad_value_(sigma, foreach=True)"),
+    ("torch:clip_value_loop", "clip", 2, "clip_grad_value_(sigma, foreach=False)"),
+)
+BANDWIDTH_KERNELS = (
+    "sum (read only)",
+    "x * s in place (donated)",
+    "triad x + s * y in place (donated)",
+    "copy to a new buffer",
+)
+# The GPU tree: the transformer shapes at 20x the CPU size, about 1.02B parameters.
+GPU_BASE_SCALE = 20.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small smoke run (a few minutes)")
+    p.add_argument("--gpu", action="store_true", help="GPU mode: clip + AdamW, 1B params")
+    p.add_argument(
+        "--out", default=HERE, help="folder that receives results/ (default: benchmarks/)"
+    )
+    p.add_argument("--tag", default=None, help="results file name stem (default: suite/quick/gpu)")
+    p.add_argument(
+        "--sections", default=None, help="comma list of bandwidth,steps,torch,compile,gpu"
+    )
+    p.add_argument("--scale", type=float, default=None, help="multiplies the parameter counts")
+    p.add_argument("--trees", default=None, help=f"comma list of {','.join(TREES)}")
+    p.add_argument("--methods", default=None, help="comma list of method families (default all)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per case (default 21)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2)")
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default 16)")
+    p.add_argument("--small-leaves", type=int, default=None, help="leaves of many_small (2000)")
+    p.add_argument("--case-timeout", type=float, default=None, help="seconds per timed case")
+    p.add_argument("--compile-leaves", default=None, help="e.g. 100,1000,2000,5000")
+    p.add_argument("--compile-timeout", type=float, default=None, help="seconds per compile point")
+    p.add_argument("--compile-methods", default=None, help="families for the compile section")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch section")
+    p.add_argument("--report", default=None, help="render an existing results JSON and exit")
+    p.add_argument("--write-docs", action="store_true", help="fill docs/performance.md's table")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    defaults: dict[str, Any] = {
+        "scale": 1.0,
+        "reps": 21,
+        "warmup": 2,
+        "layers": 16,
+        "small_leaves": 2000,
+        "case_timeout": 1800.0,
+        "compile_leaves": "100,1000,2000,5000",
+        "compile_timeout": 600.0,
+        "compile_methods": None,
+        "trees": ",".join(TREES),
+        "sections": "bandwidth,steps,torch,compile",
+        "tag": "suite",
+    }
+    if args.quick:
+        defaults.update(
+            scale=0.02,
+            reps=5,
+            warmup=1,
+            layers=2,
+            small_leaves=48,
+            case_timeout=300.0,
+            compile_leaves="100,300",
+            compile_timeout=120.0,
+            compile_methods="global",
+            tag="quick",
+        )
+    if args.gpu:
+        defaults.update(
+            trees="transformer,transformer_bf16",
+            sections="bandwidth,gpu",
+            methods="global",
+            tag="gpu" if not args.quick else "gpu_quick",
+        )
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
+def _families(text: str | None) -> list[str] | None:
+    return None if not text else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _record_line(r: dict[str, Any]) -> str:
+    what = r.get("method") or r.get("kernel") or r.get("mode")
+    where = r.get("tree") or (f"{r['n_leaves']} leaves" if "n_leaves" in r else "")
+    if r.get("status") != "ok":
+        return f"{where} {what} [{r.get('mode', '')}]: {r.get('status')}: {r.get('reason')}"
+    if "total_s" in r:
+        return f"{where} {what} [{r['mode']}]: {r['total_s']:.2f} s"
+    t = r["timing"]
+    gb = f", {r['gbps']:.1f} GB/s" if r.get("gbps") is not None else ""
+    return f"{where} {what} [{r.get('mode', '')}]: {t['median_ms']:.2f} ms{gb}"
+
+
+class Suite:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.records: list[dict[str, Any]] = []
+        self.meta: dict[str, Any] = {
+            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "reps": args.reps,
+            "warmup": args.warmup,
+            "scale": args.scale,
+            "args": {k: v for k, v in vars(args).items() if k != "worker"},
+            "host": _host_info(),
+        }
+        self.results_dir = os.path.join(args.out, "results")
+        os.makedirs(self.results_dir, exist_ok=True)
+        self.json_path = os.path.join(self.results_dir, f"{args.tag}.json")
+        self.md_path = os.path.join(self.results_dir, f"{args.tag}.md")
+
+    def _on_record(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        log(_record_line(record))
+
+    def _run(self, job: dict[str, Any], timeout: float) -> None:
+        import jobs
+
+        jobs.run_job(__file__, job, case_timeout=timeout, on_record=self._on_record)
+        self.save()
+
+    def save(self) -> None:
+        import report
+
+        self.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        with contextlib.suppress(OSError):
+            self.meta["loadavg_end"] = os.getloadavg()
+        results = {"meta": self.meta, "records": self.records}
+        with open(self.json_path, "w") as f:
+            json.dump(results, f, indent=1)
+        with open(self.md_path, "w") as f:
+            f.write(report.render(results))
+
+    def bandwidth(self) -> None:
+        a = self.args
+        base = 256 * 2**20 if a.gpu else 64 * 2**20  # elements: 1 GiB (GPU), 256 MiB (CPU)
+        n = max(2**20, int(base * a.scale))
+        cases = [{"id": k, "kernel": k, "section": "bandwidth"} for k in BANDWIDTH_KERNELS]
+        job = {
+            "kind": "bandwidth",
+            "n_elements": n,
+            "dtype": "float32",
+            "reps": a.reps,
+            "warmup": a.warmup,
+            "common": {"section": "bandwidth"},
+            "cases": cases,
+        }
+        log(f"bandwidth: {n * 4 / 2**20:.0f} MiB buffers")
+        self._run(job, a.case_timeout)
+
+    def steps(self, section: str) -> None:
+        import methods
+
+        a = self.args
+        chosen = methods.select_methods(_families(a.methods))
+        scale = a.scale * (GPU_BASE_SCALE if section == "gpu" else 1.0)
+        opt = "adamw" if section == "gpu" else "adam"
+        for tree in _families(a.trees) or []:
+            cases: list[dict[str, Any]] = [
+                {"id": "optimizer", "method": None, "mode": "optimizer", "label": opt},
+                {"id": "dispatch", "method": None, "mode": "dispatch", "label": "dispatch"},
+            ]
+            for m in chosen:
+                for mode in ("clip", "chain"):
+                    cases.append(
+                        {
+                            "id": f"{m.key}|{mode}",
+                            "method": m.key,
+                            "family": m.family,
+                            "library": m.library,
+                            "label": m.label,
+                            "mode": mode,
+                        }
+                    )
+            job = {
+                "kind": "steps",
+                "tree": tree,
+                "scale": scale,
+                "tree_args": self._tree_args(tree),
+                "optimizer": opt,
+                "reps": a.reps,
+                "warmup": a.warmup,
+                "common": {"section": section},
+                "cases": cases,
+            }
+            log(f"{section}: tree {tree} (scale {scale:g}), {len(cases)} cases")
+            self._run(job, a.case_timeout)
+
+    def _tree_args(self, tree: str) -> dict[str, Any]:
+        if tree.startswith("transformer"):
+            return {"layers": self.args.layers}
+        if tree == "many_small":
+            return {"small_leaves": self.args.small_leaves}
+        return {}
+
+    def torch(self) -> None:
+        a = self.args
+        for tree in _families(a.trees) or []:
+            cases = [
+                {"id": key, "method": key, "mode": mode, "passes": passes, "label": label}
+                for key, mode, passes, label in TORCH_CASES
+            ]
+            job = {
+                "kind": "torch",
+                "tree": tree,
+                "scale": a.scale,
+                "tree_args": self._tree_args(tree),
+                "reps": a.reps,
+                "warmup": max(a.warmup, 3),
+                "common": {"section": "torch"},
+                "cases": cases,
+            }
+            log(f"torch: tree {tree}")
+            self._run(job, a.case_timeout)
+
+    def compile(self) -> None:
+        import methods
+
+        a = self.args
+        leaves = [int(x) for x in a.compile_leaves.split(",") if x.strip()]
+        families = _families(a.compile_methods) or _families(a.methods)
+        chosen = [m for m in methods.select_methods(families) if m.library != "variant"]
+        cases: list[dict[str, Any]] = [
+            {"id": "optimizer", "method": None, "mode": "optimizer", "label": "optax.adam + apply"}
+        ]
+        for m in chosen:
+            for mode in ("clip", "chain"):
+                label = m.label if mode == "clip" else f"chain({m.label}, adam) + apply"
+                cases.append(
+                    {
+                        "id": f"{m.key}|{mode}",
+                        "method": m.key,
+                        "family": m.family,
+                        "library": m.library,
+                        "label": label,
+                        "mode": mode,
+                    }
+                )
+        for case in cases:
+            timed_out_at = None
+            for n in sorted(leaves):
+                if timed_out_at is not None:
+                    self._on_record(
+                        {
+                            "section": "compile",
+                            **case,
+                            "n_leaves": n,
+                            "status": "timeout",
+                            "reason": f"not run (timeout at {timed_out_at} leaves)",
+                        }
+                    )
+                    continue
+                job = {
+                    "kind": "compile",
+                    "n_leaves": n,
+                    "optimizer": "adam",
+                    "common": {"section": "compile", "n_leaves": n},
+                    "cases": [case],
+                }
+                before = len(self.records)
+                self._run(job, a.compile_timeout)
+                if any(r.get("status") == "timeout" for r in self.records[before:]):
+                    timed_out_at = n
+
+    def run(self) -> None:
+        sections = _families(self.args.sections) or []
+        log(f"sections {sections}; results -> {self.json_path}")
+        for section in sections:
+            if section == "bandwidth":
+                self.bandwidth()
+            elif section in ("steps", "gpu"):
+                self.steps(section)
+            elif section == "torch":
+                if not self.args.no_torch:
+                    self.torch()
+            elif section == "compile":
+                self.compile()
+            else:
+                raise SystemExit(f"unknown section {section!r}")
+        self.save()
+        log(f"wrote {self.json_path} and {self.md_path}")
+
+
+def _host_info() -> dict[str, Any]:
+    """Host facts without initialising JAX in the parent (the children own the device)."""
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpu_count": os.cpu_count()}
+    try:
+        import importlib.metadata as md
+
+        for pkg in ("jax", "jaxlib", "optax", "torch", "numpy"):
+            with contextlib.suppress(md.PackageNotFoundError):
+                info[pkg] = md.version(pkg)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info["loadavg_start"] = os.getloadavg()
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker is not None:
+        import jobs
+
+        jobs.child_main(args.worker)
+        return
+    if args.report is not None:
+        import report
+
+        with open(args.report) as f:
+            results = json.load(f)
+        markdown = report.render(results)
+        print(markdown)
+        if args.write_docs:
+            report.write_docs(os.path.join(ROOT, "docs", "performance.md"), markdown)
+        return
+    suite = Suite(args)
+    suite.run()
+    import report
+
+    with open(suite.json_path) as f:
+        markdown = report.render(json.load(f))
+    print(markdown)
+    if args.write_docs:
+        report.write_docs(os.path.join(ROOT, "docs", "performance.md"), markdown)
+
+
+if __name__ == "__main__":
+    main()

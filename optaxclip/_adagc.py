@@ -1,0 +1,230 @@
+"""AdaGC: per-tensor clipping against an EMA of each tensor's own (clipped) gradient norm."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
+from optaxclip._numerics import combine_norms, norms_per_leaf
+from optaxclip._static import check_params, flatten_updates, global_scale
+from optaxclip._stats import ClipStats, initial_stats, make_stats
+from optaxclip._validation import (
+    check_count,
+    check_name,
+    check_nonfinite,
+    check_number,
+    check_open_unit,
+    check_positive,
+)
+
+
+class AdaGCState(NamedTuple):
+    """State of :func:`adagc`.
+
+    Attributes:
+      norm_ema: float32 vector with one entry per gradient leaf (``tree_leaves`` order): the
+        reference norm ``gamma_i`` of each leaf. During the warm-up it is the smallest
+        nonzero norm seen so far (after the global clip); afterwards an EMA of the clipped
+        norm. 0 means "not set yet" (the leaf has only had zero gradients).
+      finite_count: the number of finite steps seen; the warm-up lasts while it is below
+        ``warmup_steps``. Non-finite steps are not counted.
+      stats: what the last update did (:class:`ClipStats`).
+    """
+
+    norm_ema: jax.Array
+    finite_count: jax.Array
+    stats: ClipStats
+
+
+def adagc(
+    relative_factor: float = 1.04,
+    beta: float = 0.99,
+    warmup_steps: int = 100,
+    warmup_max_norm: float = 1.0,
+    eps: float = 1e-6,
+    *,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """AdaGC: clips each leaf against an EMA of its own past (clipped) norms.
+
+    For each leaf ``i`` with norm ``n_i`` and reference norm ``gamma_i``:
+
+    * if ``n_i > relative_factor * gamma_i``, the leaf is multiplied by
+      ``relative_factor * gamma_i / (n_i + eps)`` and counts as having norm
+      ``relative_factor * gamma_i``; otherwise it is left unchanged;
+    * then ``gamma_i <- beta * gamma_i + (1 - beta) * min(n_i, relative_factor * gamma_i)``.
+
+    A spike in one leaf rescales that leaf only; the others keep their values bit for bit.
+
+    During the warm-up (the first ``warmup_steps`` finite steps) the whole gradient is
+    clipped by its global norm at ``warmup_max_norm`` (exactly, as
+    :func:`optaxclip.clip_by_global_norm`) and each ``gamma_i`` becomes the smallest
+    per-leaf norm measured *after* that global clip. This follows the authors' Megatron
+    code (``relative_factor=1.04``, ``beta=0.99``, 100 warm-up steps of global clipping at
+    1.0); the paper's first version and third-party ports use 1.05 / 0.98.
+
+    Differences from the reference code, all on edge cases: a warm-up step where a leaf's
+    norm is exactly 0 does not set its ``gamma_i`` to 0 (which would zero that leaf's
+    gradient for the rest of training); a leaf with no nonzero norm yet takes its first
+    nonzero norm after the warm-up as ``gamma_i``, as the reference does for leaves
+    without state. Steps with a NaN/Inf norm change no statistic and do not count towards
+    the warm-up; the gradient is handled by the ``nonfinite`` policy.
+
+    Args:
+      relative_factor: how far above its reference norm a leaf may go (> 0).
+      beta: the EMA decay of the reference norms, in (0, 1).
+      warmup_steps: the number of finite steps of global clipping before the per-leaf rule
+        starts (>= 0; 0 starts the per-leaf rule at once, each ``gamma_i`` being set from
+        its first nonzero norm).
+      warmup_max_norm: the global-norm threshold during the warm-up (> 0; ``inf`` turns the
+        warm-up clipping off).
+      eps: added to ``n_i`` in the divisor of the per-leaf scale, as in the reference
+        (>= 0; 0 gives exact scaling to ``relative_factor * gamma_i``).
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
+        :mod:`optaxclip._nonfinite`.
+      axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split
+        across; each leaf's norm is then that of the whole leaf.
+      layout: with ``axis_name``, the PartitionSpec of each leaf; see
+        :func:`optaxclip.clip_by_global_norm`.
+      name: label for :func:`optaxclip.clip_stats` (default ``"adagc"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is an :class:`AdaGCState`. Its
+      ``ClipStats`` report global norms before and after (the latter from the per-leaf
+      scales), ``threshold`` = ``warmup_max_norm`` during the warm-up and afterwards the
+      smallest per-leaf threshold ``relative_factor * gamma_i`` over the leaves whose
+      ``gamma_i`` is set (``inf`` if none), and ``clipped_fraction`` = the fraction of
+      leaves scaled (0 or 1 during the warm-up).
+
+    Raises:
+      ValueError: ``relative_factor <= 0``, ``beta`` outside (0, 1), ``warmup_steps < 0``,
+        ``warmup_max_norm <= 0``, ``eps < 0``, an unknown ``nonfinite``; at ``update``, a
+        gradient with a different number of leaves than the ``init`` parameters.
+      TypeError: ``warmup_steps`` not an integer, a non-float leaf (names its path).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> clipper = optaxclip.adagc(warmup_steps=1)
+      >>> grads = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.0, 0.2])}
+      >>> state = clipper.init(grads)
+      >>> update = jax.jit(clipper.update)
+      >>> _, state = update(grads, state)  # warm-up: gamma = (0.5, 0.2)
+      >>> spiky = {"a": jnp.array([30.0, 40.0]), "b": jnp.array([0.0, 0.2])}
+      >>> out, state = update(spiky, state)
+      >>> print(round(float(jnp.linalg.norm(out["a"])), 4), out["b"])  # only "a" is clipped
+      0.52 [0.  0.2]
+      >>> print(float(state.stats.clipped_fraction))
+      0.5
+
+    References:
+      Wang, Li, Chen, Zeng, Yang, Yu, Ma & Shen, "AdaGC: Improving Training Stability for
+      Large Language Model Pretraining", 2025 (https://arxiv.org/abs/2502.11034); reference
+      code https://github.com/lishuai-97/AdaGC (``megatron/optimizer/clip_grads.py``).
+    """
+    check_positive(relative_factor, "relative_factor")
+    check_open_unit(beta, "beta")
+    warmup = check_count(warmup_steps, "warmup_steps", minimum=0)
+    check_positive(warmup_max_norm, "warmup_max_norm", allow_inf=True)
+    check_number(eps, "eps", allow_inf=False)
+    policy = check_nonfinite(nonfinite)
+    normalize_axis_names(axis_name)
+    label = check_name(name, "adagc")
+
+    def init_fn(params: Any) -> AdaGCState:
+        check_params(params)
+        size = len(jax.tree_util.tree_leaves(params))
+        return AdaGCState(
+            norm_ema=jnp.zeros((size,), jnp.float32),
+            finite_count=jnp.zeros((), jnp.int32),
+            stats=initial_stats(label),
+        )
+
+    def update_fn(updates: Any, state: AdaGCState, params: Any = None) -> tuple[Any, AdaGCState]:
+        del params
+        paths, leaves, treedef = flatten_updates(updates)
+        if len(leaves) != state.norm_ema.shape[-1]:
+            raise ValueError(
+                f"{label}: the gradient has {len(leaves)} leaves but the state was initialised "
+                f"for {state.norm_ema.shape[-1]}; call init with parameters shaped like the "
+                f"gradient."
+            )
+        count = state.stats.count + 1
+        if not leaves:
+            stats = make_stats(
+                label,
+                count=count,
+                pre_clip_norm=0.0,
+                post_clip_norm=0.0,
+                threshold=math.inf,
+                clipped_fraction=0.0,
+            )
+            return updates, state._replace(stats=stats)
+
+        f32 = jnp.float32
+        norms = norms_per_leaf(leaves, 2.0, leaf_reduction_axes(updates, axis_name, layout))
+        total = combine_norms(norms, 2.0)
+        n = norms.astype(f32)
+        finite = jnp.all(jnp.isfinite(n))
+        in_warmup = state.finite_count < warmup
+        gamma = state.norm_ema
+
+        # Warm-up: one global scale; gamma_i tracks the smallest nonzero clipped leaf norm.
+        cap = jnp.asarray(warmup_max_norm, f32)
+        warm_scale, warm_clipped = global_scale(total, cap)
+        warm_scale = warm_scale.astype(f32)
+        after = n * warm_scale
+        warm_gamma = jnp.where(
+            after > 0, jnp.where(gamma > 0, jnp.minimum(gamma, after), after), gamma
+        )
+
+        # After the warm-up: per-leaf scale against relative_factor * gamma_i.
+        reference = jnp.where(gamma > 0, gamma, n)
+        limits = jnp.asarray(relative_factor, f32) * reference
+        over = n > limits
+        leaf_scale = jnp.where(
+            over, limits / jnp.where(over, n + jnp.asarray(eps, f32), 1), 1
+        ).astype(f32)
+        b = jnp.asarray(beta, f32)
+        ema_gamma = b * reference + (1 - b) * jnp.where(over, limits, n)
+
+        scales = jnp.where(in_warmup, warm_scale, leaf_scale)
+        new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
+
+        raise_if_nonfinite(policy, finite, paths, leaves, label)
+        out = scale_leaves(leaves, [scales[i] for i in range(len(leaves))], policy, finite)
+        post = jnp.where(
+            finite,
+            combine_norms(norms * scales.astype(norms.dtype), 2.0),
+            0 if policy == "zero" else total,
+        )
+        fraction = jnp.where(in_warmup, warm_clipped.astype(f32), jnp.mean(over.astype(f32)))
+        fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
+        set_limits = jnp.where(reference > 0, limits, jnp.inf)
+        threshold = jnp.where(in_warmup, cap, jnp.min(set_limits))
+        stats = make_stats(
+            label,
+            count=count,
+            pre_clip_norm=total,
+            post_clip_norm=post,
+            threshold=threshold,
+            clipped_fraction=fraction,
+        )
+        new_state = AdaGCState(
+            norm_ema=new_gamma.astype(f32),
+            finite_count=state.finite_count + finite.astype(jnp.int32),
+            stats=stats,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)

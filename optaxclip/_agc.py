@@ -1,0 +1,557 @@
+"""Adaptive gradient clipping (AGC): bound each unit's gradient relative to its weights.
+
+A *unit* is a slice of a parameter leaf, for example one output column of a Flax ``Dense``
+kernel. Which axes make up a unit depends on how the framework lays out its weights, so the
+layout is an explicit argument (``unit_axes``) rather than a guess from the rank alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from optaxclip._layout import (
+    AxisName,
+    Layout,
+    leaf_dim_axes,
+    leaf_reduction_axes,
+    normalize_axis_names,
+)
+from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
+from optaxclip._numerics import (
+    _TINY_SUM_OF_SQUARES,
+    accumulation_dtype,
+    norm_of_leaves,
+    safe_root,
+    sum_across_devices,
+)
+from optaxclip._static import check_params, flatten_updates
+from optaxclip._stats import ClipStats, initial_stats, make_stats
+from optaxclip._thresholds import Threshold, ThresholdLike, describe_mismatch
+from optaxclip._validation import check_name, check_nonfinite, check_number, path_str
+
+UNIT_AXES_PRESETS = ("flax", "equinox", "torch", "whole")
+
+UnitAxes = Any  # preset name | int | tuple[int, ...] | pytree (prefix) of those | callable
+
+
+class AGCState(NamedTuple):
+    """State of :func:`adaptive_grad_clip`: AGC keeps no statistics, only its report."""
+
+    stats: ClipStats
+
+
+def unit_reduction_axes(preset: str, ndim: int) -> tuple[int, ...]:
+    """The axes a ``unit_axes`` preset reduces over for a leaf of rank ``ndim``.
+
+    Rank 0 and rank 1 leaves (scalars, biases, scales) are one unit under every preset.
+
+    Args:
+      preset: ``"flax"`` (reduce every axis but the last: one unit per output feature of an
+        ``(in, out)`` kernel or an ``(H, W, I, O)`` conv kernel), ``"equinox"`` or ``"torch"``
+        (reduce every axis but the first: one unit per row of an ``(out, in)`` weight, an
+        ``(out, in, k...)`` conv or a ``(vocab, dim)`` embedding), or ``"whole"`` (one unit
+        per leaf).
+      ndim: the rank of the leaf.
+
+    Returns:
+      The axes to reduce over, sorted.
+
+    Raises:
+      ValueError: an unknown preset name.
+
+    Examples:
+      >>> import optaxclip
+      >>> optaxclip.unit_reduction_axes("flax", 4)
+      (0, 1, 2)
+      >>> optaxclip.unit_reduction_axes("equinox", 2)
+      (1,)
+      >>> optaxclip.unit_reduction_axes("torch", 1)
+      (0,)
+    """
+    if preset not in UNIT_AXES_PRESETS:
+        raise ValueError(
+            f"unit_axes: unknown preset {preset!r}; choose one of {UNIT_AXES_PRESETS}, or give "
+            f"the axes to reduce over as a tuple of ints."
+        )
+    everything = tuple(range(ndim))
+    if ndim <= 1 or preset == "whole":
+        return everything
+    if preset == "flax":
+        return everything[:-1]
+    return everything[1:]
+
+
+def _is_axes_entry(x: Any) -> bool:
+    """A leaf of a ``unit_axes`` spec: a preset name, an int or a tuple of ints."""
+    if isinstance(x, (str, int, np.integer)) or x is None:
+        return True
+    return (
+        isinstance(x, tuple)
+        and not hasattr(x, "_fields")
+        and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in x)
+    )
+
+
+def _check_axes_entry(value: Any, where: str) -> None:
+    """Checks a ``unit_axes`` entry that does not depend on a leaf's rank."""
+    if isinstance(value, str):
+        unit_reduction_axes(value, 0)
+        return
+    if isinstance(value, bool) or not _is_axes_entry(value) or value is None:
+        raise TypeError(
+            f"unit_axes{where} must be a preset name {UNIT_AXES_PRESETS}, an int or a tuple of "
+            f"ints (the axes to reduce over), got {value!r}."
+        )
+
+
+def _axes_for_leaf(value: Any, path: Any, ndim: int) -> tuple[int, ...]:
+    """Resolves one ``unit_axes`` entry for a leaf of rank ``ndim``."""
+    where = f" at leaf {path_str(path)}"
+    _check_axes_entry(value, where)
+    if isinstance(value, str):
+        return unit_reduction_axes(value, ndim)
+    entries = (value,) if isinstance(value, (int, np.integer)) else value
+    axes = []
+    for axis in entries:
+        if not -ndim <= int(axis) < ndim:
+            raise ValueError(
+                f"unit_axes{where}: axis {int(axis)} is out of range for a leaf of rank {ndim}."
+            )
+        axes.append(int(axis) % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"unit_axes{where}: repeated axis in {value!r}.")
+    return tuple(sorted(axes))
+
+
+class _Box:
+    """Holds one spec entry as an opaque pytree leaf while a prefix spec is broadcast."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _broadcast_prefix(spec: Any, tree: Any, name: str, is_leaf: Callable[[Any], bool]) -> list[Any]:
+    """One spec entry per leaf of ``tree``, from a spec with the tree's structure or a prefix."""
+    try:
+        expanded = jax.tree.map(
+            lambda entry, subtree: jax.tree.map(lambda _: _Box(entry), subtree),
+            spec,
+            tree,
+            is_leaf=is_leaf,
+        )
+    except (ValueError, TypeError) as error:
+        mismatch = describe_mismatch(spec, tree, "parameter", is_leaf)
+        raise ValueError(
+            f"{name} must have the structure of the parameter tree or of a prefix of it. "
+            f"{mismatch} (JAX said: {error})"
+        ) from None
+    return [box.value for box in jax.tree_util.tree_leaves(expanded)]
+
+
+def _validate_unit_axes(unit_axes: UnitAxes) -> None:
+    """Construction-time checks of a ``unit_axes`` spec (its structure is checked at init)."""
+    if callable(unit_axes):
+        return
+    if _is_axes_entry(unit_axes):
+        _check_axes_entry(unit_axes, "")
+        return
+    for path, entry in jax.tree_util.tree_leaves_with_path(unit_axes, _is_axes_entry):
+        _check_axes_entry(entry, f" at {path_str(path)}")
+
+
+def _validate_exclude(exclude: Any) -> None:
+    if exclude is None or callable(exclude):
+        return
+    for path, entry in jax.tree_util.tree_leaves_with_path(exclude, lambda x: x is None):
+        if not isinstance(entry, (bool, np.bool_)):
+            raise TypeError(
+                f"exclude at {path_str(path)} must be a bool (True leaves the leaf unclipped), "
+                f"got {entry!r}."
+            )
+
+
+def _resolve_layout(
+    unit_axes: UnitAxes, exclude: Any, params: Any
+) -> tuple[list[tuple[int, ...]], list[bool]]:
+    """Per leaf of ``params``: the axes to reduce over, and whether the leaf is excluded."""
+    paths_leaves = jax.tree_util.tree_leaves_with_path(params)
+    if callable(unit_axes):
+        entries = [unit_axes(path, leaf) for path, leaf in paths_leaves]
+    elif _is_axes_entry(unit_axes):
+        entries = [unit_axes] * len(paths_leaves)
+    else:
+        entries = _broadcast_prefix(unit_axes, params, "unit_axes", _is_axes_entry)
+    axes = [
+        _axes_for_leaf(entry, path, jnp.ndim(leaf))
+        for entry, (path, leaf) in zip(entries, paths_leaves, strict=True)
+    ]
+    if exclude is None:
+        flags = [False] * len(paths_leaves)
+    elif callable(exclude):
+        flags = []
+        for path, leaf in paths_leaves:
+            flag = exclude(path, leaf)
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(
+                    f"exclude returned {flag!r} for leaf {path_str(path)}; it must return a "
+                    f"Python bool."
+                )
+            flags.append(bool(flag))
+    else:
+        flags = [
+            bool(f) for f in _broadcast_prefix(exclude, params, "exclude", lambda x: x is None)
+        ]
+    return axes, flags
+
+
+def _check_params_match(updates: Any, params: Any, label: str) -> list[jax.Array]:
+    """The parameter leaves, after checking they mirror the gradient leaves."""
+    if params is None:
+        raise ValueError(
+            f"{label}: adaptive gradient clipping compares each gradient with its parameters, "
+            f"so it needs them: call tx.update(grads, state, params)."
+        )
+    grad_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
+    param_items = jax.tree_util.tree_leaves_with_path(params)
+    param_paths = [path_str(p) for p, _ in param_items]
+    grad_structure: Any = jax.tree.structure(updates)
+    if grad_structure != jax.tree.structure(params):
+        missing = [p for p in grad_paths if p not in param_paths]
+        extra = [p for p in param_paths if p not in grad_paths]
+        details = []
+        if missing:
+            details.append(f"gradient leaf {missing[0]} has no parameter")
+        if extra:
+            details.append(f"parameter leaf {extra[0]} has no gradient")
+        detail = "; ".join(details) or "the container types differ"
+        raise ValueError(f"{label}: params and gradients must have the same tree ({detail}).")
+    grad_leaves = jax.tree_util.tree_leaves(updates)
+    for path, (_, param), grad in zip(param_paths, param_items, grad_leaves, strict=True):
+        if jnp.shape(param) != jnp.shape(grad):
+            raise ValueError(
+                f"{label}: at leaf {path} the parameter has shape {jnp.shape(param)} but the "
+                f"gradient has shape {jnp.shape(grad)}."
+            )
+    return [jnp.asarray(x) for _, x in param_items]
+
+
+def _squares(x: jax.Array, acc: jnp.dtype, divisor: jax.Array | None = None) -> jax.Array:
+    """``|x / divisor|**2`` elementwise, in ``acc``."""
+    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    scaled = [p.astype(acc) if divisor is None else p.astype(acc) / divisor for p in parts]
+    return sum((y * y for y in scaled[1:]), start=scaled[0] * scaled[0])
+
+
+def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return lax.psum(x, axes) if axes else x
+
+
+def unit_norms(
+    arrays: Sequence[jax.Array],
+    axes: Sequence[tuple[int, ...]],
+    summed_over: Sequence[tuple[str, ...]],
+    agree_over: Sequence[tuple[str, ...]] | None,
+) -> list[jax.Array]:
+    """The L2 norm of each unit of each array (reduced over its axes, kept as size-1 dims).
+
+    Accumulates in float32 (float64 for float64 arrays). When any unit's sum of squares
+    overflows or loses bits to underflow, one rescaled pass over all arrays runs under a single
+    ``lax.cond`` (one branch to compile, not one per leaf).
+
+    Args:
+      arrays: the leaves (inside ``shard_map``, this device's blocks of them).
+      axes: per array, the axes that make up a unit.
+      summed_over: per array, the mapped axes along which its *reduced* dimensions are split;
+        the partial sums of each unit are added across them.
+      agree_over: per array, every mapped axis it is split along; the rescue decision is
+        shared across them, so that all devices take the same branch. None skips the rescue
+        (used for the weight norms: a unit weight norm outside about [1e-19, 1e19] is either
+        floored by ``eps`` or so large that no gradient reaches the limit).
+    """
+
+    def reduce(i: int, divisor: jax.Array | None = None) -> jax.Array:
+        x, acc = arrays[i], accumulation_dtype(arrays[i].dtype)
+        total = jnp.sum(_squares(x, acc, divisor), axis=axes[i], keepdims=True)
+        return _psum(total, summed_over[i])
+
+    direct = [reduce(i) for i in range(len(arrays))]
+    if agree_over is None or not arrays:
+        return [safe_root(total, 2.0) for total in direct]
+
+    def rescaled() -> list[jax.Array]:
+        out = []
+        for i, x in enumerate(arrays):
+            acc = accumulation_dtype(x.dtype)
+            largest = jnp.max(jnp.abs(x).astype(acc), axis=axes[i], keepdims=True, initial=0)
+            if summed_over[i]:
+                largest = lax.pmax(largest, summed_over[i])
+            largest = lax.stop_gradient(largest)
+            divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+            out.append(divisor * safe_root(reduce(i, divisor), 2.0))
+        return out
+
+    suspects = []
+    for total, agree in zip(direct, agree_over, strict=True):
+        suspect = jnp.any(jnp.isinf(total) | ((total > 0) & (total < _TINY_SUM_OF_SQUARES)))
+        if agree:
+            suspect = lax.pmax(suspect.astype(jnp.int32), agree) > 0
+        suspects.append(suspect)
+    return lax.cond(
+        jnp.any(jnp.stack(suspects)), rescaled, lambda: [safe_root(t, 2.0) for t in direct]
+    )
+
+
+def _norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
+    """The L2 norm of several arrays of nonnegative unit norms taken together.
+
+    Divided by the largest entry first, so it cannot overflow; reduced leaf by leaf and then
+    across leaves, since under ``jit`` the arrays of different leaves may be sharded
+    differently and cannot be concatenated.
+    """
+    largest = lax.stop_gradient(jnp.max(jnp.stack([jnp.max(n, initial=0) for n in norms])))
+    divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    total = jnp.sum(jnp.stack([jnp.sum(jnp.square(n / divisor)) for n in norms]))
+    return divisor * safe_root(total, 2.0)
+
+
+def _split_axes(
+    path: Any,
+    ndim: int,
+    split: tuple[str, ...],
+    dims: tuple[tuple[str, ...], ...] | None,
+    reduced: tuple[int, ...],
+    label: str,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A leaf's mapped axes, parted into those of its reduced dimensions and of its unit dims.
+
+    The first are summed over to complete each unit's norm; along the second the devices hold
+    different units, so only the stats add across them.
+
+    Raises:
+      ValueError: the leaf is split across devices and has dimensions that are not reduced,
+        but the layout does not say which dimension is split.
+    """
+    if dims is None:
+        if split and len(reduced) < ndim:
+            raise ValueError(
+                f"{label}: gradient leaf {path_str(path)} is split across the mapped axes "
+                f"{split}, but the layout does not say along which dimension. Per-unit norms "
+                f"must be added across devices when a reduced dimension is split, and not when "
+                f"a unit dimension is: give layout= the leaf's PartitionSpec (for example "
+                f"optaxclip.layout_from_shardings(params), or the in_specs of shard_map)."
+            )
+        return split, ()
+    on_reduced = {name for d in reduced for name in dims[d]}
+    return (
+        tuple(n for n in split if n in on_reduced),
+        tuple(n for n in split if n not in on_reduced),
+    )
+
+
+def adaptive_grad_clip(
+    clipping: ThresholdLike = 0.01,
+    eps: float = 1e-3,
+    *,
+    unit_axes: UnitAxes = "flax",
+    exclude: Any = None,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Clips each unit's gradient to a fraction of that unit's weight norm (AGC).
+
+    For every unit ``i`` (a slice of a parameter leaf, see ``unit_axes``) with weights
+    ``W_i`` and gradient ``G_i``::
+
+        limit_i = clipping * max(||W_i||, eps)
+        G_i <- G_i * limit_i / ||G_i||     if ||G_i|| > limit_i, else G_i unchanged
+
+    Norms are Frobenius norms accumulated in float32. Units under their limit come back bit
+    for bit, a zero gradient or zero weights never produce NaN, and each leaf keeps its dtype.
+
+    Presets for ``unit_axes`` (rank 0 and 1 leaves are one unit under all of them):
+
+    * ``"flax"`` (default): rank >= 2 leaves reduce over every axis but the last, giving one
+      unit per output feature: the columns of a ``Dense`` kernel ``(in, out)``, the filters of
+      a conv kernel ``(H, W, I, O)`` or ``(D, H, W, I, O)``, the output features of an
+      attention output projection ``(heads, head_dim, out)``. Unlike
+      ``optax.adaptive_grad_clip``, which infers axes from the rank, rank 3 reduces over
+      (0, 1) rather than 0 (so a Conv1D kernel ``(W, I, O)`` and an attention output
+      projection get per-output units), and a ``(1, n)`` kernel has ``n`` units rather than
+      one. For query/key/value projections ``(in, heads, head_dim)``, where each
+      ``(head, feature)`` pair is a unit, pass ``(0,)`` for those leaves.
+    * ``"equinox"`` / ``"torch"``: rank >= 2 leaves reduce over every axis but the first:
+      rows of an ``(out, in)`` linear weight, ``(out, in, k...)`` conv filters, or one unit
+      per token of a ``(vocab, dim)`` embedding.
+    * ``"whole"``: one unit per leaf.
+
+    Args:
+      clipping: the largest allowed ratio ``||G_i|| / max(||W_i||, eps)``, lambda in the
+        paper: a number >= 0, a schedule ``step -> value``, a pytree of numbers (or prefix)
+        or ``(path, leaf) -> number``. 0.01 is the NFNets value for SGD with batches of
+        1024-4096; it depends on the optimizer (see the docs).
+      eps: the floor on the weight norm, so zero-initialised weights may still move by
+        ``clipping * eps`` per unit.
+      unit_axes: which axes form a unit, given as the axes to REDUCE over: a preset name
+        (above), an int or tuple of ints for every leaf, a pytree matching the parameters
+        (or a prefix of them) whose entries are presets or axis tuples, or a function
+        ``(path, leaf) -> preset or axes``.
+      exclude: the leaves AGC must not touch, as a pytree of bools matching the parameters
+        (or a prefix) or ``(path, leaf) -> bool``; NFNets excludes the final classifier.
+        Excluded leaves pass through bit for bit and are not part of the stats or of the
+        non-finite check.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, applied to the
+        leaves that are not excluded; see :mod:`optaxclip._nonfinite`.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s). Each unit's partial
+        sums (gradient and weights) are added across the axes that split one of its reduced
+        dimensions (an ``(in, out)`` kernel split along ``in``); along axes that split a unit
+        dimension (split along ``out``) each device holds whole units and only the stats are
+        added across devices.
+      layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of them or
+        ``(path, leaf) -> spec``; see :func:`layout_from_shardings`). AGC must know which
+        dimension a leaf is split along, so a leaf that is split and has unit dimensions needs
+        a PartitionSpec: a bare axis name, or no layout where JAX only records that the leaf
+        varies across devices, raises a ValueError naming the leaf.
+      name: label for :func:`clip_stats` (default ``"adaptive_grad_clip"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is an ``AGCState``. Its stats report the
+      global norm of the clipped leaves before and after (the latter from the unit scales),
+      the smallest unit limit as ``threshold``, the fraction of units clipped and ``count``,
+      the number of updates seen.
+
+    Raises:
+      ValueError: negative or NaN ``clipping``/``eps``, an unknown preset, an axis out of
+        range, a ``unit_axes``/``exclude`` pytree that does not match the parameters (at
+        ``init``, naming the path), ``params=None`` in ``update``, parameters that do not
+        mirror the gradients, or a split leaf without a per-dimension layout (naming the
+        path).
+      TypeError: spec entries of the wrong type, non-float leaves.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> params = {"kernel": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # (in, out)
+      >>> grads = {"kernel": jnp.array([[0.3, 0.0], [0.4, 0.5]])}
+      >>> tx = optaxclip.adaptive_grad_clip(0.1)
+      >>> clipped, state = tx.update(grads, tx.init(params), params)
+      >>> print(clipped["kernel"])
+      [[0.3 0. ]
+       [0.4 0.1]]
+      >>> print(float(state.stats.clipped_fraction))
+      0.5
+
+    References:
+      Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition Without
+      Normalization", ICML 2021 (https://arxiv.org/abs/2102.06171).
+    """
+    threshold = Threshold(clipping, "clipping", per_leaf=True)
+    check_number(eps, "eps")
+    _validate_unit_axes(unit_axes)
+    _validate_exclude(exclude)
+    policy = check_nonfinite(nonfinite)
+    normalize_axis_names(axis_name)
+    label = check_name(name, "adaptive_grad_clip")
+
+    def init_fn(params: Any) -> AGCState:
+        check_params(params)
+        threshold.validate_for(params)
+        _resolve_layout(unit_axes, exclude, params)
+        return AGCState(stats=initial_stats(label))
+
+    def update_fn(updates: Any, state: AGCState, params: Any = None) -> tuple[Any, AGCState]:
+        paths, leaves, treedef = flatten_updates(updates)
+        weights = _check_params_match(updates, params, label)
+        axes, excluded = _resolve_layout(unit_axes, exclude, params)
+        count = state.stats.count
+        limits = threshold.per_leaf_values(updates, count)
+        leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
+        dim_axes = leaf_dim_axes(updates, axis_name, layout)
+        active = [i for i, skip in enumerate(excluded) if not skip]
+        if not active:
+            stats = make_stats(
+                label,
+                count=count + 1,
+                pre_clip_norm=0.0,
+                post_clip_norm=0.0,
+                threshold=jnp.inf,
+                clipped_fraction=0.0,
+            )
+            return updates, AGCState(stats=stats)
+
+        # Per active leaf: unit norms, limits and scales, all with size-1 reduced dims.
+        splits = [
+            _split_axes(paths[i], leaves[i].ndim, leaf_axes[i], dim_axes[i], axes[i], label)
+            for i in active
+        ]
+        summed = [summed for summed, _ in splits]
+        across_units = [kept for _, kept in splits]
+        active_axes = [axes[i] for i in active]
+        grad_norms = unit_norms(
+            [leaves[i] for i in active], active_axes, summed, [leaf_axes[i] for i in active]
+        )
+        weight_norms = unit_norms([weights[i] for i in active], active_axes, summed, None)
+        unit_limits, scales = [], []
+        for j, i in enumerate(active):
+            g_norm = grad_norms[j]
+            w_norm = weight_norms[j].astype(g_norm.dtype)
+            limit = limits[i].astype(g_norm.dtype) * jnp.maximum(
+                w_norm, jnp.asarray(eps, g_norm.dtype)
+            )
+            over = g_norm > limit
+            unit_limits.append(limit)
+            scales.append(jnp.where(over, limit / jnp.where(over, g_norm, 1), 1))
+
+        # Devices along a unit dimension hold different units: the stats add across them.
+        bad_units = sum_across_devices(
+            [jnp.sum(~jnp.isfinite(n)) for n in grad_norms], across_units
+        )
+        finite = bad_units == 0
+        active_leaves = [leaves[i] for i in active]
+        raise_if_nonfinite(policy, finite, [paths[i] for i in active], active_leaves, label)
+        clipped = scale_leaves(active_leaves, scales, policy, finite)
+        out = list(leaves)
+        for i, leaf in zip(active, clipped, strict=True):
+            out[i] = leaf
+
+        clipped_norms = [n * s for n, s in zip(grad_norms, scales, strict=True)]
+        if any(across_units):
+            pre = norm_of_leaves([n.ravel() for n in grad_norms], 2.0, across_units)
+            post_if_finite = norm_of_leaves([n.ravel() for n in clipped_norms], 2.0, across_units)
+        else:  # every device holds all units: local reductions suffice
+            pre = _norm_of_norms(grad_norms)
+            post_if_finite = _norm_of_norms(clipped_norms)
+        post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
+        n_clipped = sum_across_devices([jnp.sum(s < 1) for s in scales], across_units)
+        n_units = sum_across_devices([jnp.asarray(s.size) for s in scales], across_units)
+        fraction = jnp.where(finite, n_clipped / n_units, 1.0 if policy == "zero" else 0.0)
+        smallest_per_leaf = [jnp.min(lim, initial=jnp.inf) for lim in unit_limits]
+        smallest = jnp.min(
+            jnp.stack(
+                [
+                    lax.pmin(m, kept) if kept else m
+                    for m, kept in zip(smallest_per_leaf, across_units, strict=True)
+                ]
+            )
+        )
+        stats = make_stats(
+            label,
+            count=count + 1,
+            pre_clip_norm=pre,
+            post_clip_norm=post,
+            threshold=smallest,
+            clipped_fraction=fraction,
+        )
+        return jax.tree_util.tree_unflatten(treedef, out), AGCState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)

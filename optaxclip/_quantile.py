@@ -1,0 +1,137 @@
+"""Quantile clipping: a global threshold that tracks a quantile of the norm by geometric steps."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._numerics import norm_of_leaves
+from optaxclip._static import check_params, clip_to_global_norm, flatten_updates
+from optaxclip._stats import ClipStats, initial_stats
+from optaxclip._validation import (
+    check_name,
+    check_nonfinite,
+    check_number,
+    is_concrete_number,
+    normalize_ord,
+)
+
+# The threshold stays within the positive normal float32 range, so a long run of zero
+# gradients cannot drive it to 0 (from which a geometric update never recovers).
+_SMALLEST = float(jnp.finfo(jnp.float32).tiny)
+_LARGEST = float(jnp.finfo(jnp.float32).max)
+
+
+class QuantileClipState(NamedTuple):
+    """State of :func:`quantile_clip`.
+
+    Attributes:
+      threshold: float32, the clipping threshold C the next update will use.
+      stats: what the last update did; ``stats.count`` counts every update, the non-finite
+        ones included, and ``stats.threshold`` is the C that update used.
+    """
+
+    threshold: jax.Array
+    stats: ClipStats
+
+
+def quantile_clip(
+    target_quantile: float = 0.5,
+    learning_rate: float = 0.2,
+    initial_threshold: float = 1.0,
+    *,
+    ord: float | int | str | None = None,
+    nonfinite: str = "propagate",
+    axis_name: AxisName = None,
+    layout: Layout = None,
+    name: str | None = None,
+) -> optax.GradientTransformation:
+    """Clips the global norm to a threshold that tracks a quantile of the norms.
+
+    The geometric quantile update of Andrew et al., applied to the global norm of one
+    gradient per step and without the privacy noise::
+
+        g_t <- g_t * min(1, C_t / ||g_t||)           (clip with the current C)
+        b_t  = 1 if ||g_t|| <= C_t else 0
+        C_{t+1} = C_t * exp(-learning_rate * (b_t - target_quantile))
+
+    C shrinks after an unclipped step and grows after a clipped one; it settles where a
+    fraction ``target_quantile`` of the steps are unclipped, i.e. at that quantile of the
+    norm distribution, moving by at most a factor ``exp(learning_rate)`` per step. A
+    non-finite norm leaves C unchanged. C is kept within the positive normal float32 range.
+
+    Args:
+      target_quantile: gamma in [0, 1], the fraction of steps to leave unclipped (0.5: clip
+        to the running median).
+      learning_rate: eta >= 0, the step size in log space (0.2 as in the paper; 0 keeps the
+        threshold fixed).
+      initial_threshold: C_0 > 0. It only matters for the first ~log(ratio)/eta steps.
+      ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or p >= 1.
+      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
+      axis_name: inside ``shard_map``/``pmap``, the axis name(s) the gradient is split across.
+      layout: with ``axis_name``, the PartitionSpec of each leaf; see
+        :func:`clip_by_global_norm`.
+      name: label for :func:`clip_stats` (default ``"quantile_clip"``).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is a ``QuantileClipState``.
+
+    Raises:
+      ValueError: ``target_quantile`` outside [0, 1], a negative ``learning_rate``, a
+        ``initial_threshold`` that is not finite and > 0, bad ``ord`` or ``nonfinite``.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import optaxclip
+      >>> tx = optaxclip.quantile_clip(0.5, learning_rate=0.2, initial_threshold=1.0)
+      >>> state = tx.init({"w": jnp.zeros(2)})
+      >>> clipped, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
+      >>> print(clipped["w"], round(float(state.threshold), 4))  # clipped: C grows by e^0.1
+      [0.6 0.8] 1.1052
+
+    References:
+      Andrew, Thakkar, McMahan & Ramaswamy, "Differentially Private Learning with Adaptive
+      Clipping", NeurIPS 2021 (https://arxiv.org/abs/1905.03871).
+    """
+    check_number(target_quantile, "target_quantile")
+    if is_concrete_number(target_quantile) and float(target_quantile) > 1:
+        raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile}.")
+    check_number(learning_rate, "learning_rate", allow_inf=False)
+    check_number(initial_threshold, "initial_threshold", allow_inf=False)
+    if is_concrete_number(initial_threshold) and float(initial_threshold) <= 0:
+        raise ValueError(f"initial_threshold must be > 0, got {initial_threshold}.")
+    p = normalize_ord(ord)
+    policy = check_nonfinite(nonfinite)
+    normalize_axis_names(axis_name)
+    label = check_name(name, "quantile_clip")
+
+    def init_fn(params: Any) -> QuantileClipState:
+        check_params(params)
+        start = jnp.clip(jnp.asarray(initial_threshold, jnp.float32), _SMALLEST, _LARGEST)
+        return QuantileClipState(threshold=start, stats=initial_stats(label))
+
+    def update_fn(
+        updates: Any, state: QuantileClipState, params: Any = None
+    ) -> tuple[Any, QuantileClipState]:
+        del params
+        paths, leaves, treedef = flatten_updates(updates)
+        norm = norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        limit = state.threshold
+        out, stats = clip_to_global_norm(
+            paths, leaves, norm, limit, policy, label, state.stats.count + 1
+        )
+        unclipped = (norm <= limit.astype(norm.dtype)).astype(jnp.float32)
+        step = jnp.asarray(learning_rate, jnp.float32) * (
+            unclipped - jnp.asarray(target_quantile, jnp.float32)
+        )
+        moved = jnp.clip(limit * jnp.exp(-step), _SMALLEST, _LARGEST)
+        threshold = jnp.where(jnp.isfinite(norm), moved, limit)
+        return jax.tree_util.tree_unflatten(treedef, out), QuantileClipState(
+            threshold=threshold.astype(jnp.float32), stats=stats
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

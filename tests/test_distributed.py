@@ -1,0 +1,460 @@
+"""Exact clipping on sharded gradients: GSPMD (jit + NamedSharding), shard_map and pmap.
+
+The sharded runs need 8 host devices, and XLA reads the device count only when JAX starts,
+so they run in a fresh Python (``tests/distributed_scripts/dist_sharded_checks.py``) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``; that script only records what it saw
+and the assertions are made here. The layout checks at the end run in this process on a
+one-device mesh (they fail at trace time, so nothing is compiled).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optaxclip
+from optaxclip._layout import leaf_dim_axes, leaf_reduction_axes, normalize_axis_names
+
+SCRIPTS = Path(__file__).parent / "distributed_scripts"
+sys.path.insert(0, str(SCRIPTS))
+import dist_cases as dc  # noqa: E402
+
+MODES = ("gspmd", "shard_map_types", "shard_map_layout", "pmap")
+RTOL = 1e-6
+# Generous: the script compiles five programs, on a machine that may be shared.
+SCRIPT_TIMEOUT_S = 400
+
+
+def host_device_env() -> dict[str, str]:
+    """The environment for a fresh Python with 8 CPU devices (and fast, unoptimised codegen)."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    flags += [
+        "--xla_force_host_platform_device_count=8",
+        # Backend (LLVM) optimisation does not change the HLO, the collectives or the order of
+        # the reductions; turning it off halves the compile time of these small programs.
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")]
+    ).rstrip(os.pathsep)
+    return env
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("sharded") / "results.pkl"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "dist_sharded_checks.py"), str(out)],
+        env=host_device_env(),
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT_S,  # subprocess.run kills the child when this expires
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"the 8-device script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(out, "rb") as f:
+        return pickle.load(f)
+
+
+def run_of(sharded: dict[str, Any], name: str, mode: str) -> dict[str, Any]:
+    run = sharded["cases"][name][mode]
+    if "error" in run:
+        pytest.fail(f"{name} failed under {mode}:\n{run['error']}")
+    return run
+
+
+def assert_close_per_leaf(actual: list[Any], expected: list[Any], what: str) -> None:
+    """Each leaf within RTOL of the reference, relative to the leaf's largest magnitude."""
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"{what} leaf {i}: shape {a.shape} vs {e.shape}"
+        if e.dtype == bool or np.issubdtype(e.dtype, np.integer):
+            np.testing.assert_array_equal(a, e, err_msg=f"{what} leaf {i}")
+            continue
+        finite = np.isfinite(e)
+        np.testing.assert_array_equal(np.isfinite(a), finite, err_msg=f"{what} leaf {i}")
+        np.testing.assert_array_equal(a[~finite], e[~finite], err_msg=f"{what} leaf {i}")
+        scale = float(np.max(np.abs(e[finite]), initial=0.0))
+        np.testing.assert_allclose(
+            a[finite], e[finite], rtol=RTOL, atol=RTOL * scale, err_msg=f"{what} leaf {i}"
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(dc.CASES))
+def test_sharded_update_and_state_match_single_device_every_step(
+    sharded: dict[str, Any], name: str, mode: str
+) -> None:
+    reference = run_of(sharded, name, "reference")
+    run = run_of(sharded, name, mode)
+    for t in range(dc.STEPS):
+        assert_close_per_leaf(run["updates"][t], reference["updates"][t], f"step {t} update")
+        states = run["state"][t]
+        if run.get("per_device_state"):
+            states = [np.asarray(x)[0] for x in states]
+        assert_close_per_leaf(states, reference["state"][t], f"step {t} state")
+
+
+@pytest.mark.parametrize("name", sorted(dc.CASES))
+def test_every_case_changes_the_gradient_after_its_warmup_so_the_comparison_has_teeth(
+    sharded: dict[str, Any], name: str
+) -> None:
+    reference = run_of(sharded, name, "reference")
+    changed = [
+        t
+        for t in range(2, dc.STEPS)  # warm-ups and histories are 2 steps long
+        if any(
+            not np.array_equal(out, g, equal_nan=True)
+            for out, g in zip(
+                reference["updates"][t], jax.tree_util.tree_leaves(dc.grads(t)), strict=True
+            )
+        )
+    ]
+    assert changed, f"{name} never clipped after step 1"
+
+
+@pytest.mark.parametrize("mode", ["shard_map_layout", "pmap"])
+@pytest.mark.parametrize("name", sorted(dc.CASES))
+def test_state_is_bitwise_identical_on_every_device(
+    sharded: dict[str, Any], name: str, mode: str
+) -> None:
+    run = run_of(sharded, name, mode)
+    for t in range(dc.STEPS):
+        for i, copies in enumerate(run["state"][t]):
+            copies = np.asarray(copies)
+            assert copies.shape[0] == dc.N_DEVICES
+            for d in range(1, dc.N_DEVICES):
+                np.testing.assert_array_equal(
+                    copies[d], copies[0], err_msg=f"step {t} state leaf {i} device {d}"
+                )
+    if mode == "pmap":
+        assert run["replicated_updates_agree"]
+
+
+@pytest.mark.parametrize("name", sorted(dc.CASES))
+def test_gspmd_keeps_every_update_leaf_sharded_as_its_gradient(
+    sharded: dict[str, Any], name: str
+) -> None:
+    run = run_of(sharded, name, "gspmd")
+    expected = []
+    for spec in jax.tree_util.tree_leaves(dc.SPECS):
+        entries = [None, *spec]  # the leading step axis of the scanned run
+        while entries and entries[-1] is None:
+            entries.pop()
+        expected.append(tuple(entries))
+    assert run["out_specs"] == expected
+
+
+# A collective in XLA's text: ``%name = <shape> op(...)``; async forms end in -start.
+COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
+    r"(?P<op>all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|"
+    r"collective-broadcast|ragged-all-to-all)(?:-start)?\("
+)
+ARRAY_SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
+
+
+def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], str]]:
+    """(op, the shapes it moves, the line) for every cross-device op in compiled HLO text."""
+    found = []
+    for line in hlo.splitlines():
+        match = COLLECTIVE.search(line)
+        if match:
+            shapes = [
+                tuple(int(d) for d in dims.split(",") if d)
+                for dims in ARRAY_SHAPE.findall(match.group("shape"))
+            ]
+            found.append((match.group("op"), shapes, line.strip()[:500]))
+    return found
+
+
+def test_collective_parser_recognises_gathers_and_vector_reductions() -> None:
+    text = """
+  %a = f32[] all-reduce(f32[] %x), replica_groups={}
+  %b = (f32[], f32[4]{0}) all-reduce(%y, %z), channel_id=2
+  %c = f32[16,8]{1,0} all-gather(f32[2,8]{1,0} %w), dimensions={0}
+  %d = f32[8]{0} all-reduce-start(f32[8]{0} %v)
+"""
+    assert [(op, shapes) for op, shapes, _ in collectives(text)] == [
+        ("all-reduce", [()]),
+        ("all-reduce", [(), (4,)]),
+        ("all-gather", [(16, 8)]),
+        ("all-reduce", [(8,)]),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(dc.CASES))
+def test_gspmd_hlo_reduces_only_scalars_and_small_stat_vectors_never_gradients(
+    sharded: dict[str, Any], name: str
+) -> None:
+    """No gradient crosses devices: only all-reduces of scalars and of short statistics vectors.
+
+    Per-leaf norms and AGC's per-unit norms of kernels split along their inputs travel as
+    vectors of at most ``STATS_REDUCTION_LIMIT`` entries, fewer than any split gradient leaf
+    holds, so an all-reduce standing in for a gather of a gradient would fail too. (The cases
+    share one compiled program; a case that cannot be lowered with the others gets its own.)
+    """
+    hlo = run_of(sharded, name, "gspmd")["hlo"]
+    ops = collectives(hlo)
+    assert any(op == "all-reduce" for op, _, _ in ops), "the norm must be reduced across devices"
+    smallest_split_leaf = min(
+        math.prod(s)
+        for s, spec in zip(
+            jax.tree_util.tree_leaves(dc.SHAPES, is_leaf=lambda x: isinstance(x, tuple)),
+            jax.tree_util.tree_leaves(dc.SPECS),
+            strict=True,
+        )
+        if any(entry is not None for entry in spec)
+    )
+    assert smallest_split_leaf > dc.STATS_REDUCTION_LIMIT
+    for op, shapes, line in ops:
+        assert op == "all-reduce", f"{name}: gradient data moved between devices: {line}"
+        for shape in shapes:
+            assert len(shape) <= 1 and math.prod(shape) <= dc.STATS_REDUCTION_LIMIT, (
+                f"{name}: an all-reduce of more than scalars / per-leaf or per-unit "
+                f"statistics: {line}"
+            )
+
+
+def test_reference_run_of_global_norm_clip_matches_float64_formula(
+    sharded: dict[str, Any],
+) -> None:
+    reference = run_of(sharded, "clip_by_global_norm", "reference")
+    for t in range(dc.STEPS):
+        g = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(dc.grads(t))]
+        norm = math.sqrt(sum(float(np.sum(x * x)) for x in g))
+        # A NaN gradient passes through unscaled (nonfinite="propagate").
+        scale = min(1.0, 1.5 / norm) if math.isfinite(norm) else 1.0
+        for out, x in zip(reference["updates"][t], g, strict=True):
+            np.testing.assert_allclose(out, x * scale, rtol=1e-6, atol=1e-9)
+
+
+def test_pmap_counts_replicated_leaf_once_only_with_layout(sharded: dict[str, Any]) -> None:
+    g = {
+        k: np.asarray(v, np.float64)
+        for k, v in zip(
+            ["dense", "embed", "norm", "proj"], jax.tree_util.tree_leaves(dc.grads(0)), strict=True
+        )
+    }
+    split = sum(float(np.sum(g[k] ** 2)) for k in ("dense", "embed", "proj"))
+    replicated = float(np.sum(g["norm"] ** 2))
+    norms = sharded["norms"]
+    assert norms["with_layout"] == pytest.approx(math.sqrt(split + replicated), rel=1e-6)
+    # Without a layout, pmap cannot know the replicated leaf is replicated: once per device.
+    assert norms["without_layout"] == pytest.approx(
+        math.sqrt(split + dc.N_DEVICES * replicated), rel=1e-6
+    )
+
+
+# ---- layout resolution, in this process, on a one-device mesh --------------------------------
+
+
+def one_device_mesh(*names: str) -> Mesh:
+    return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(names)), names)
+
+
+def trace_in_shard_map(fn: Any, tree: Any, specs: Any, mesh: Mesh, check_vma: bool = True) -> Any:
+    """Traces ``fn(tree)`` inside shard_map (no compile); returns what fn returned at trace."""
+    seen = []
+
+    def body(t: Any) -> Any:
+        seen.append(fn(t))
+        return t
+
+    jax.make_jaxpr(
+        jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=specs, check_vma=check_vma)
+    )(tree)
+    return seen[0]
+
+
+GRADS = {"w": jnp.ones((2, 4)), "b": jnp.ones(4), "s": jnp.ones(())}
+
+
+def test_layout_from_shardings_reads_named_shardings_and_treats_unsharded_as_replicated() -> None:
+    mesh = one_device_mesh("data", "model")
+    tree = {
+        "array": jax.device_put(jnp.ones((2, 4)), NamedSharding(mesh, P(None, "model"))),
+        "plain": jnp.ones(3),
+        "numpy": np.ones(3),
+        "sharding": NamedSharding(mesh, P("data")),
+        "spec": P(("data", "model")),
+        "struct": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(mesh, P("model"))),
+    }
+    assert optaxclip.layout_from_shardings(tree) == {
+        "array": P(None, "model"),
+        "plain": P(),
+        "numpy": P(),
+        "sharding": P("data"),
+        "spec": P(("data", "model")),
+        "struct": P("model"),
+    }
+
+
+def test_layout_from_shardings_rejects_traced_and_unshardable_leaves() -> None:
+    with pytest.raises(TypeError, match=r"\['x'\].*traced"):
+        jax.jit(lambda t: optaxclip.layout_from_shardings(t) and 0)({"x": jnp.ones(2)})
+    with pytest.raises(TypeError, match=r"\['y'\].*no sharding"):
+        optaxclip.layout_from_shardings({"y": "text"})
+
+
+def test_layout_prefix_by_key_path_covers_nested_leaves_and_ignores_extra_entries() -> None:
+    mesh = one_device_mesh("model")
+    grads = {"enc": {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}, "head": jnp.ones((4, 2))}
+    specs = {"enc": {"w": P(None, "model"), "b": P("model")}, "head": P()}
+    layout = {"enc": P("model"), "head": P(), "frozen": P("model")}
+    axes = trace_in_shard_map(
+        lambda t: leaf_reduction_axes(t, "model", layout), grads, specs, mesh, check_vma=False
+    )
+    assert axes == [("model",), ("model",), ()]
+
+
+def test_layout_from_vma_types_skips_replicated_leaves_without_a_layout() -> None:
+    mesh = one_device_mesh("data", "model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    axes = trace_in_shard_map(
+        lambda t: leaf_reduction_axes(t, ("data", "model"), None), GRADS, specs, mesh
+    )
+    # tree_leaves order: b, s, w
+    assert axes == [(), (), ("model",)]
+    dims = trace_in_shard_map(
+        lambda t: leaf_dim_axes(t, ("data", "model"), None), GRADS, specs, mesh
+    )
+    assert dims == [((),), (), None]
+
+
+def test_without_vma_types_every_leaf_is_taken_as_split_along_all_axes() -> None:
+    mesh = one_device_mesh("data", "model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    axes = trace_in_shard_map(
+        lambda t: leaf_reduction_axes(t, ("data", "model"), None),
+        GRADS,
+        specs,
+        mesh,
+        check_vma=False,
+    )
+    assert axes == [("data", "model")] * 3
+
+
+def test_leaf_dim_axes_gives_each_dimensions_axes_from_partition_specs() -> None:
+    mesh = one_device_mesh("data", "model")
+    specs = {"w": P(("data", "model"), None), "b": P("model"), "s": P()}
+    dims = trace_in_shard_map(
+        lambda t: leaf_dim_axes(t, ("model", "data"), specs), GRADS, specs, mesh
+    )
+    assert dims == [(("model",),), (), (("data", "model"), ())]
+    axes = trace_in_shard_map(
+        lambda t: leaf_reduction_axes(t, ("model", "data"), specs), GRADS, specs, mesh
+    )
+    assert axes == [("model",), (), ("model", "data")]
+
+
+def test_layout_claiming_a_replicated_leaf_is_split_raises() -> None:
+    mesh = one_device_mesh("model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    bad = {"w": P(None, "model"), "b": P("model"), "s": P()}
+    with pytest.raises(ValueError, match=r"\['b'\].*split along \['model'\].*replicated"):
+        trace_in_shard_map(
+            lambda t: optaxclip.global_norm(t, axis_name="model", layout=bad), GRADS, specs, mesh
+        )
+
+
+def test_layout_naming_a_mapped_axis_missing_from_axis_name_raises() -> None:
+    mesh = one_device_mesh("data", "model")
+    specs = {"w": P("data", "model"), "b": P(), "s": P()}
+    with pytest.raises(ValueError, match=r"\['w'\].*'data'.*not in axis_name"):
+        trace_in_shard_map(
+            lambda t: optaxclip.global_norm(t, axis_name="model", layout=specs),
+            GRADS,
+            specs,
+            mesh,
+        )
+
+
+def test_layout_missing_a_leaf_names_that_leaf() -> None:
+    mesh = one_device_mesh("model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    with pytest.raises(ValueError, match=r"no entry for gradient leaf \['s'\]"):
+        trace_in_shard_map(
+            lambda t: optaxclip.global_norm(
+                t, axis_name="model", layout={"w": P(None, "model"), "b": P()}
+            ),
+            GRADS,
+            specs,
+            mesh,
+        )
+
+
+def test_layout_with_more_entries_than_dimensions_raises() -> None:
+    mesh = one_device_mesh("model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    layout = {"w": P(None, "model"), "b": P(None, None), "s": P()}
+    with pytest.raises(ValueError, match=r"\['b'\].*2 entries.*1 dimensions"):
+        trace_in_shard_map(
+            lambda t: leaf_reduction_axes(t, "model", layout), GRADS, specs, mesh, False
+        )
+
+
+def test_unreduced_partition_spec_is_rejected() -> None:
+    mesh = one_device_mesh("model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    layout = {"w": P(None, "model"), "b": P(unreduced={"model"}), "s": P()}
+    with pytest.raises(ValueError, match=r"\['b'\].*unreduced"):
+        trace_in_shard_map(
+            lambda t: leaf_reduction_axes(t, "model", layout), GRADS, specs, mesh, False
+        )
+
+
+def test_axis_name_outside_shard_map_raises_with_advice() -> None:
+    clipper = optaxclip.clip_by_global_norm(1.0, axis_name="model")
+    with pytest.raises(ValueError, match=r"'model' is not a mapped axis.*leave it None"):
+        jax.jit(clipper.update)(GRADS, clipper.init(GRADS))
+
+
+def test_layout_without_axis_name_raises() -> None:
+    with pytest.raises(ValueError, match="layout was given without axis_name"):
+        optaxclip.global_norm(GRADS, layout=P())
+
+
+@pytest.mark.parametrize(
+    ("axis_name", "error"),
+    [(3, TypeError), (("a", 1), TypeError), (("a", "a"), ValueError), ("", ValueError)],
+)
+def test_normalize_axis_names_rejects_bad_names(axis_name: Any, error: type) -> None:
+    with pytest.raises(error, match="axis_name"):
+        normalize_axis_names(axis_name)
+
+
+def test_layout_entry_of_wrong_type_names_the_leaf() -> None:
+    mesh = one_device_mesh("model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    with pytest.raises(TypeError, match=r"\['b'\]"):
+        trace_in_shard_map(
+            lambda t: leaf_reduction_axes(t, "model", lambda path, leaf: 3),
+            {"b": GRADS["b"]},
+            {"b": specs["b"]},
+            mesh,
+            False,
+        )

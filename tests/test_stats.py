@@ -1,0 +1,191 @@
+"""ClipStats: every field against a float64 reference, the pytree registration, clip_stats."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import (
+    NORM_RTOL,
+    ORDS,
+    gradient_trees,
+    ref_global_norm,
+    ref_leaf_norm,
+    ref_rms,
+    ref_vector_norm,
+    to_f64,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+import optaxclip
+from optaxclip._stats import ClipStats, initial_stats, make_stats
+
+pytestmark = pytest.mark.usefixtures("eager_ops")
+
+# float32/complex64 only: post_clip_norm is derived analytically (norm * scale), and it must
+# equal the float64 norm of the actual output within float32 accumulation error. In fp16/bf16
+# the output's own rounding is larger than that, by design.
+HIGH_PRECISION_TREES = gradient_trees(dtypes=(jnp.float32, jnp.complex64))
+RATIOS = st.sampled_from([0.0, 1e-3, 0.5, 0.9, 1.1, 2.0])
+
+
+def _approx(expected):
+    return pytest.approx(expected, rel=NORM_RTOL, abs=1e-30)
+
+
+def _check_common(stats, out, p, name):
+    assert stats.name == name
+    for field in ClipStats._fields[:5]:
+        assert getattr(stats, field).dtype == jnp.float32 and getattr(stats, field).shape == ()
+    assert stats.count.dtype == jnp.int32
+    # The reported post-clip norm is honest: it is the norm of what was returned.
+    assert float(stats.post_clip_norm) == _approx(ref_global_norm(out, p))
+    pre = float(stats.pre_clip_norm)
+    expected_scale = float(stats.post_clip_norm) / pre if pre > 0 else 1.0
+    assert float(stats.scale) == pytest.approx(expected_scale, rel=1e-6)
+
+
+@given(tree=HIGH_PRECISION_TREES, p=st.sampled_from(ORDS), ratio=RATIOS)
+def test_global_clip_stats_match_reference(tree, p, ratio):
+    norm = ref_global_norm(tree, p)
+    limit = ratio * norm
+    tx = optaxclip.clip_by_global_norm(limit, ord=p)
+    state = tx.init(tree)
+    out, state = tx.update(tree, state)
+    stats = state.stats
+    _check_common(stats, out, p, "clip_by_global_norm")
+    assert float(stats.pre_clip_norm) == _approx(norm)
+    assert float(stats.threshold) == _approx(limit)
+    assert float(stats.clipped_fraction) == (1.0 if norm > limit else 0.0)
+    assert float(stats.scale) == _approx(limit / norm if norm > limit else 1.0)
+    assert int(stats.count) == 1
+    _, state = tx.update(tree, state)
+    assert int(state.stats.count) == 2
+
+
+@given(tree=HIGH_PRECISION_TREES, p=st.sampled_from(ORDS), ratio=RATIOS)
+def test_leaf_clip_stats_match_reference(tree, p, ratio):
+    leaves = jax.tree.leaves(tree)
+    # A multiple (never 1) of the largest leaf norm: no leaf sits exactly on the threshold.
+    limit = ratio * max(ref_leaf_norm(x, p) for x in leaves)
+    out, state = optaxclip.clip_by_leaf_norm(limit, ord=p, name="per_leaf").update(
+        tree, optaxclip.clip_by_leaf_norm(limit).init(tree)
+    )
+    stats = state.stats
+    _check_common(stats, out, p, "per_leaf")
+    # The p-norm of the per-leaf p-norms is the p-norm of everything.
+    assert float(stats.pre_clip_norm) == _approx(ref_global_norm(tree, p))
+    assert float(stats.threshold) == _approx(limit)
+    n_over = sum(ref_leaf_norm(x, p) > limit for x in leaves)
+    assert float(stats.clipped_fraction) == pytest.approx(n_over / len(leaves))
+
+
+@given(tree=HIGH_PRECISION_TREES, ratio=RATIOS)
+def test_block_rms_stats_match_reference(tree, ratio):
+    leaves = jax.tree.leaves(tree)
+    limit = ratio * max(ref_rms(x) for x in leaves)
+    tx = optaxclip.clip_by_block_rms(limit)
+    out, state = tx.update(tree, tx.init(tree))
+    stats = state.stats
+    _check_common(stats, out, 2.0, "clip_by_block_rms")
+    assert float(stats.pre_clip_norm) == _approx(ref_global_norm(tree, 2.0))
+    assert float(stats.threshold) == _approx(limit)
+    n_over = sum(ref_rms(x) > limit for x in leaves)
+    assert float(stats.clipped_fraction) == pytest.approx(n_over / len(leaves))
+
+
+@given(tree=gradient_trees(dtypes=(jnp.float32,), exponents=(-3, 3)), high=st.floats(0.0, 2.0))
+def test_value_clip_stats_match_reference(tree, high):
+    tx = optaxclip.clip_by_value(high)
+    out, state = tx.update(tree, tx.init(tree))
+    stats = state.stats
+    _check_common(stats, out, 2.0, "clip_by_value")
+    assert float(stats.pre_clip_norm) == _approx(ref_global_norm(tree, 2.0))
+    assert float(stats.threshold) == _approx(float(np.float32(high)))
+    values = np.concatenate([to_f64(x).ravel() for x in jax.tree.leaves(tree)])
+    clamped = np.sum(np.abs(values) > np.float32(high))
+    assert float(stats.clipped_fraction) == pytest.approx(clamped / values.size)
+
+
+def test_value_clip_threshold_is_smallest_per_leaf_upper_bound():
+    tree = {"body": jnp.array([-3.0, 0.5]), "head": jnp.array([4.0, -0.25, 0.0, 9.0])}
+    tx = optaxclip.clip_by_value({"body": 1.0, "head": 5.0})
+    out, state = tx.update(tree, tx.init(tree))
+    assert float(state.stats.threshold) == 1.0
+    assert float(state.stats.clipped_fraction) == pytest.approx(2 / 6)
+    expected_post = ref_vector_norm(np.array([1, 0.5, 4, 0.25, 0, 5]), 2)
+    assert float(state.stats.post_clip_norm) == _approx(expected_post)
+    np.testing.assert_array_equal(out["body"], [-1.0, 0.5])
+    np.testing.assert_array_equal(out["head"], [4.0, -0.25, 0.0, 5.0])
+
+
+def test_initial_stats_are_zero_with_unit_scale_and_typed():
+    stats = initial_stats("x")
+    assert stats.name == "x"
+    assert [float(v) for v in stats[:5]] == [0.0, 0.0, 0.0, 1.0, 0.0]
+    assert int(stats.count) == 0 and stats.count.dtype == jnp.int32
+
+
+def test_make_stats_derives_scale_and_guards_zero_and_nonfinite_norms():
+    kwargs = {"count": 3, "threshold": 1.0, "clipped_fraction": 1.0}
+    assert float(make_stats("a", pre_clip_norm=4.0, post_clip_norm=1.0, **kwargs).scale) == 0.25
+    assert float(make_stats("a", pre_clip_norm=0.0, post_clip_norm=0.0, **kwargs).scale) == 1.0
+    nan = make_stats("a", pre_clip_norm=math.nan, post_clip_norm=math.nan, **kwargs)
+    assert float(nan.scale) == 1.0
+    inf = make_stats("a", pre_clip_norm=math.inf, post_clip_norm=1.0, **kwargs)
+    assert float(inf.scale) == 1.0
+    assert int(inf.count) == 3 and inf.count.dtype == jnp.int32
+
+
+def test_clip_stats_name_is_static_pytree_metadata():
+    stats = make_stats(
+        "mine", count=1, pre_clip_norm=2.0, post_clip_norm=1.0, threshold=1.0, clipped_fraction=1
+    )
+    leaves, treedef = jax.tree.flatten(stats)
+    assert len(leaves) == 6 and not any(isinstance(x, str) for x in leaves)
+    assert jax.tree.unflatten(treedef, leaves).name == "mine"
+    doubled = jax.tree.map(lambda x: x * 2, stats)
+    assert doubled.name == "mine" and float(doubled.pre_clip_norm) == 4.0
+    with jax.disable_jit(False):
+        through_jit = jax.jit(lambda s: s)(stats)
+    assert through_jit.name == "mine"
+    keys = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(stats)]
+    assert keys == [f".{f}" for f in ClipStats._fields[:6]]
+    # Two stats with different names are different tree structures (the name is static).
+    assert jax.tree.structure(stats) != jax.tree.structure(stats._replace(name="other"))
+
+
+def test_clip_stats_returns_flat_dict_with_all_fields():
+    tx = optax.chain(optaxclip.clip_by_global_norm(1.0), optax.sgd(0.1))
+    params = {"w": jnp.array([3.0, 4.0])}
+    _, state = tx.update(params, tx.init(params), params)
+    stats = optaxclip.clip_stats(state)
+    assert set(stats) == {f"clip_by_global_norm/{f}" for f in ClipStats._fields[:6]}
+    assert float(stats["clip_by_global_norm/pre_clip_norm"]) == 5.0
+    assert float(stats["clip_by_global_norm/post_clip_norm"]) == pytest.approx(1.0)
+    assert optaxclip.clip_stats(optax.sgd(0.1).init(params)) == {}
+
+
+def test_clip_stats_suffixes_duplicates_and_never_overwrites_a_user_name():
+    params = {"w": jnp.array([3.0, 4.0])}
+    tx = optax.chain(
+        optaxclip.clip_by_global_norm(10.0, name="clip"),
+        optaxclip.clip_by_global_norm(1.0, name="clip"),
+        optaxclip.clip_by_value(0.1, name="clip_1"),
+        optaxclip.clip_by_leaf_norm(2.0),
+    )
+    _, state = tx.update(params, tx.init(params))
+    stats = optaxclip.clip_stats(state)
+    # Regression: the user's own "clip_1" used to overwrite the second "clip".
+    assert len(stats) == 4 * 6
+    assert float(stats["clip/pre_clip_norm"]) == 5.0
+    assert float(stats["clip_1/pre_clip_norm"]) == 5.0  # the second "clip", in chain order
+    assert float(stats["clip_1/threshold"]) == 1.0
+    assert float(stats["clip_1_1/threshold"]) == pytest.approx(0.1)  # the user's "clip_1"
+    # The chain feeds each clipper the previous output: [0.1, 0.1] after the value clip.
+    assert float(stats["clip_by_leaf_norm/pre_clip_norm"]) == pytest.approx(0.1 * math.sqrt(2))
