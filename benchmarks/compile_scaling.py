@@ -13,6 +13,7 @@ suite's trees (same protocol as run.py), since a formulation that compiles fast 
 cost run time.
 
 Formulations:
+  optax                optax.tree.norm; clip and chain use optax.clip_by_global_norm itself
   current              optaxclip.global_norm as shipped (per-leaf sums stacked; overflow /
                        underflow rescue under lax.cond that divides every leaf by the global max)
   stack_direct         per-leaf float32 sums of squares, stacked and summed; no rescue
@@ -24,6 +25,15 @@ Formulations:
   pow2_barrier         pow2_rescue with the scale factors behind lax.optimization_barrier
   concat_rescue        stack_direct, and a rescue that works on one concatenation of all
                        leaves (the copy is only paid on steps that need the rescue)
+  lean_rescue          current, with a rescue that takes the max by plain XLA reduces (jnp.max
+                       adds a NaN check that materializes |x|) and multiplies by 1/max
+  concat_direct        one concatenation of all leaves, one sum; no rescue
+  grouped_lean         one reduction per group of <= 64 same-dtype leaves over their
+                       concatenation (single consumer each, so it can fuse); lean rescue
+                       with the max taken in the leaves' own dtype
+  proposed             bucketed (small leaves concatenated per dtype, in their own dtype),
+                       lean_rescue's rescue, and fp16/bf16 leaves passed through
+                       lax.optimization_barrier first (no float32 copy of the gradient)
   concat               one concatenation of all raveled leaves, one sum (rescue on it)
   bucketed             small leaves (<= 65536 elements) concatenated into buckets of up to
                        4M elements, big leaves alone; pow2 rescue
@@ -52,6 +62,7 @@ SMALL_LEAF = 1 << 16
 BUCKET = 1 << 22
 
 FORMULATIONS = (
+    "optax",
     "current",
     "stack_direct",
     "pow2_rescue",
@@ -59,6 +70,10 @@ FORMULATIONS = (
     "own_max_rescue",
     "pow2_barrier",
     "concat_rescue",
+    "lean_rescue",
+    "concat_direct",
+    "grouped_lean",
+    "proposed",
     "concat",
     "bucketed",
     "sequential",
@@ -128,6 +143,12 @@ def _rescued_pow2(arrays):
         return up * jnp.sqrt(total)
 
     return rescued
+
+
+def norm_optax(leaves):
+    import optax
+
+    return optax.tree.norm(leaves)
 
 
 def norm_current(leaves):
@@ -212,6 +233,137 @@ def norm_concat_rescue(leaves):
     return _with_rescue(total, lambda: _rescued_pow2([_concat(leaves)])())
 
 
+def _reduce_max_abs(x):
+    """max |x| as one plain XLA reduce (jnp.max adds a NaN check that materializes |x|)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    y = jnp.abs(x)
+    return (lax.reduce_max(y, tuple(range(y.ndim))) if y.ndim else y).astype(jnp.float32)
+
+
+def _lean_rescue(arrays_for_max, scaled_sums):
+    """Rescue: global max by plain reduces, then sums of squares of x * (1/max)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    def rescued():
+        largest = lax.stop_gradient(
+            jnp.max(jnp.stack([_reduce_max_abs(x) for x in arrays_for_max()]))
+        )
+        divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+        return divisor * jnp.sqrt(jnp.sum(jnp.stack(scaled_sums(1 / divisor))))
+
+    return rescued
+
+
+def norm_lean_rescue(leaves):
+    import jax.numpy as jnp
+
+    total = jnp.sum(jnp.stack([_sq(x) for x in leaves]))
+    rescued = _lean_rescue(lambda: leaves, lambda inv: [_sq(_f32(x) * inv) for x in leaves])
+    return _with_rescue(total, rescued)
+
+
+def norm_concat_direct(leaves):
+    import jax.numpy as jnp
+
+    return jnp.sqrt(_sq(_concat(leaves)))
+
+
+GROUP_LEAVES = 64
+
+
+def groups_of(leaves: Sequence[Any], size: int = GROUP_LEAVES) -> list[list[Any]]:
+    """Leaves of one dtype in groups of at most ``size`` (the reductions run per group)."""
+    by_dtype: dict[Any, list[Any]] = {}
+    for x in leaves:
+        by_dtype.setdefault(x.dtype, []).append(x)
+    return [same[i : i + size] for same in by_dtype.values() for i in range(0, len(same), size)]
+
+
+def _ravel_concat(xs, transform, upcast: bool = True):
+    import jax.numpy as jnp
+
+    parts = [transform(_f32(x) if upcast else x).ravel() for x in xs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def norm_grouped_lean(leaves):
+    """One reduction per group of <= 64 same-dtype leaves over the concatenation of the group.
+
+    Each concatenation feeds a single reduction (a different elementwise op goes in first
+    for the direct sum, the max and the rescaled sum), so XLA can fuse it into the reduce
+    instead of materialising a copy of the gradient. The rescue's max is taken in the leaves'
+    own dtype (exact), so its only float32 convert is the one of the rescaled sum.
+    """
+    import jax.numpy as jnp
+
+    groups = groups_of(leaves)
+    total = jnp.sum(jnp.stack([jnp.sum(_ravel_concat(g, lambda y: y * y)) for g in groups]))
+
+    def rescued():
+        from jax import lax
+
+        maxima = [
+            lax.reduce_max(_ravel_concat(g, jnp.abs, upcast=False), (0,)).astype(jnp.float32)
+            for g in groups
+        ]
+        largest = lax.stop_gradient(jnp.max(jnp.stack(maxima)))
+        divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+        inv = 1 / divisor
+        sums = [jnp.sum(_ravel_concat(g, lambda y: (y * inv) * (y * inv))) for g in groups]
+        return divisor * jnp.sqrt(jnp.sum(jnp.stack(sums)))
+
+    return _with_rescue(total, rescued)
+
+
+def _shield_low_precision(leaves):
+    """fp16/bf16 leaves behind lax.optimization_barrier, f32/f64 leaves as they are.
+
+    The clip multiplies ``x.astype(float32)`` by the scale; without the barrier XLA:CPU merges
+    that convert with the norm's own (CSE) and then materialises a float32 copy of the whole
+    gradient for the two consumers.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    low = [i for i, x in enumerate(leaves) if x.dtype in (jnp.float16, jnp.bfloat16)]
+    if not low:
+        return list(leaves)
+    shielded = lax.optimization_barrier([leaves[i] for i in low])
+    out = list(leaves)
+    for i, x in zip(low, shielded, strict=True):
+        out[i] = x
+    return out
+
+
+def dtype_buckets(leaves: Sequence[Any], small: int = SMALL_LEAF, limit: int = BUCKET) -> list[Any]:
+    """Big leaves alone; small leaves of one dtype concatenated (in that dtype) up to ``limit``."""
+    by_dtype: dict[Any, list[Any]] = {}
+    for x in leaves:
+        by_dtype.setdefault(x.dtype, []).append(x)
+    arrays: list[Any] = []
+    for same in by_dtype.values():
+        arrays += buckets(same, small, limit)
+    return arrays
+
+
+def norm_proposed(leaves):
+    """Bucketed reductions, lean rescue, fp16/bf16 leaves behind an optimization barrier.
+
+    Reductions: one per leaf above 65536 elements, one per bucket of small same-dtype leaves
+    (their concatenation is a copy, bounded by the size of the small leaves). The rescue takes
+    the max with plain reduces in the leaves' own dtype and multiplies by 1/max.
+    """
+    import jax.numpy as jnp
+
+    arrays = dtype_buckets(_shield_low_precision(leaves))
+    total = jnp.sum(jnp.stack([_sq(a) for a in arrays]))
+    rescued = _lean_rescue(lambda: arrays, lambda inv: [_sq(_f32(a) * inv) for a in arrays])
+    return _with_rescue(total, rescued)
+
+
 def norm_concat(leaves):
     flat = _concat(leaves)
     return _with_rescue(_sq(flat), _rescued_pow2([flat]))
@@ -233,7 +385,16 @@ def buckets(leaves: Sequence[Any], small: int = SMALL_LEAF, limit: int = BUCKET)
         size += x.size
     if current:
         groups.append(current)
-    return [g[0] if len(g) == 1 else _concat(g) for g in groups]
+    return [g[0] if len(g) == 1 else _concat_native(g) for g in groups]
+
+
+def _concat_native(arrays):
+    """Concatenation of raveled leaves, in their dtype when they share one (else float32)."""
+    import jax.numpy as jnp
+
+    if len({x.dtype for x in arrays}) == 1:
+        return jnp.concatenate([x.ravel() for x in arrays])
+    return _concat(arrays)
 
 
 def norm_bucketed(leaves):
@@ -356,7 +517,7 @@ def _fn_and_args(formulation: str, mode: str):
             return norm_fn(jax.tree.leaves(g))
 
         return norm_only, (), (lambda args, out: args), lambda p, g: (g,)
-    clipper = clip_with(norm_fn)
+    clipper = optax.clip_by_global_norm(1.0) if formulation == "optax" else clip_with(norm_fn)
     if mode == "clip":
         fn, donate, feed = methods.clip_step(clipper, False)
         return fn, donate, feed, lambda p, g: (g, clipper.init(g))

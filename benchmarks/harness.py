@@ -225,19 +225,10 @@ class Timing:
         return dict(self.__dict__)
 
 
-def time_step(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    *,
-    donate_argnums: tuple[int, ...],
-    feed: Callable[[tuple[Any, ...], Any], tuple[Any, ...]],
-    reps: int,
-    warmup: int,
-) -> tuple[Timing, tuple[Any, ...]]:
-    """Times ``fn(*args)`` under jit with donation, feeding outputs back with ``feed``.
-
-    Returns the timing and the last arguments (the caller drops them to free memory).
-    """
+def compile_step(
+    fn: Callable[..., Any], args: tuple[Any, ...], donate_argnums: tuple[int, ...]
+) -> tuple[Any, float, float, float | None]:
+    """AOT lower + compile: (compiled, lower seconds, compile seconds, XLA temp MiB)."""
     jitted = jax.jit(fn, donate_argnums=donate_argnums)
     t0 = time.perf_counter()
     lowered = jitted.lower(*args)
@@ -251,39 +242,102 @@ def time_step(
             temp_mib = analysis.temp_size_in_bytes / 2**20
     except Exception:  # not every backend reports it
         temp_mib = None
+    return compiled, t1 - t0, t2 - t1, temp_mib
 
-    start = time.perf_counter()
-    out = compiled(*args)
-    jax.block_until_ready(out)
-    first_call_ms = (time.perf_counter() - start) * 1e3
-    args = feed(args, out)
-    for _ in range(warmup):
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        args = feed(args, out)
 
-    times = []
-    faults = _minor_faults()
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - start) * 1e3)
-        args = feed(args, out)
-    faults = _minor_faults() - faults
-    del out
-    timing = Timing(
+def _summary(
+    times: list[float], faults: float, lower_s: float, compile_s: float, first: float, temp
+) -> Timing:
+    return Timing(
         median_ms=statistics.median(times),
         min_ms=min(times),
         max_ms=max(times),
-        n=reps,
-        lower_s=t1 - t0,
-        compile_s=t2 - t1,
-        first_call_ms=first_call_ms,
-        temp_mib=temp_mib,
-        faults_per_call=faults / max(reps, 1),
+        n=len(times),
+        lower_s=lower_s,
+        compile_s=compile_s,
+        first_call_ms=first,
+        temp_mib=temp,
+        faults_per_call=faults / max(len(times), 1),
     )
-    return timing, args
+
+
+def _call(compiled: Any, args: tuple[Any, ...]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    return out, (time.perf_counter() - start) * 1e3
+
+
+def time_step(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    donate_argnums: tuple[int, ...],
+    feed: Callable[[tuple[Any, ...], Any], tuple[Any, ...]],
+    reps: int,
+    warmup: int,
+) -> tuple[Timing, tuple[Any, ...]]:
+    """Times ``fn(*args)`` under jit with donation, feeding outputs back with ``feed``.
+
+    Returns the timing and the last arguments (the caller drops them to free memory).
+    """
+    compiled, lower_s, compile_s, temp_mib = compile_step(fn, args, donate_argnums)
+    out, first_call_ms = _call(compiled, args)
+    args = feed(args, out)
+    for _ in range(warmup):
+        out, _ = _call(compiled, args)
+        args = feed(args, out)
+    times = []
+    faults = _minor_faults()
+    for _ in range(reps):
+        out, ms = _call(compiled, args)
+        times.append(ms)
+        args = feed(args, out)
+    faults = _minor_faults() - faults
+    del out
+    return _summary(times, faults, lower_s, compile_s, first_call_ms, temp_mib), args
+
+
+@dataclass
+class Member:
+    """One step of an interleaved comparison: its compiled function, arguments and feed."""
+
+    compiled: Any
+    args: tuple[Any, ...]
+    feed: Callable[[tuple[Any, ...], Any], tuple[Any, ...]]
+    lower_s: float
+    compile_s: float
+    temp_mib: float | None
+
+
+def time_interleaved(members: list[Member], *, reps: int, warmup: int) -> list[Timing]:
+    """Times several steps in alternation: round r calls every member once.
+
+    The order rotates from round to round. Slow drifts of a shared machine (other jobs,
+    frequency changes) then hit every member alike, so the ratios of the medians are much
+    steadier than those of separate runs.
+    """
+    first = []
+    for m in members:
+        out, ms = _call(m.compiled, m.args)
+        m.args = m.feed(m.args, out)
+        first.append(ms)
+    for _ in range(warmup):
+        for m in members:
+            out, _ = _call(m.compiled, m.args)
+            m.args = m.feed(m.args, out)
+    times: list[list[float]] = [[] for _ in members]
+    for r in range(reps):
+        for j in range(len(members)):
+            i = (j + r) % len(members)
+            m = members[i]
+            out, ms = _call(m.compiled, m.args)
+            m.args = m.feed(m.args, out)
+            times[i].append(ms)
+    return [
+        _summary(t, 0.0, m.lower_s, m.compile_s, f, m.temp_mib)
+        for t, m, f in zip(times, members, first, strict=True)
+    ]
 
 
 def time_python(

@@ -201,44 +201,49 @@ def steps_job(job: dict[str, Any]) -> None:
         emit({"event": "result", "id": case["id"], "record": record})
 
 
-def _run_step_case(case, common, spec, grads, params, job) -> dict[str, Any]:
+def _prepare_step_case(case, spec, grads, params, job):
+    """(fn, donate_argnums, feed, args, passes) for one case, or a skip reason (str)."""
     import harness
     import methods
     import optax
 
     mode = case["mode"]
-    passes: int | None
-    if mode == "optimizer":
+    if mode in ("optimizer", "dispatch"):
         tx = methods.optimizer(job["optimizer"])
+        if mode == "optimizer":
+            fn, donate, feed = methods.train_step(tx)
+            passes: int | None = harness.ADAM_PASSES
+        else:
+            fn, donate, feed = methods.dispatch_step()
+            passes = None
+        p = harness.fresh_copy(params)
+        return fn, donate, feed, (p, harness.fresh_copy(tx.init(p)), grads), passes
+    method = methods.method_by_key(case["method"])
+    if method.factory is None:
+        return method.missing
+    clipper = method.factory(spec)
+    if mode == "chain":
+        tx = optax.chain(clipper, methods.optimizer(job["optimizer"]))
         fn, donate, feed = methods.train_step(tx)
         p = harness.fresh_copy(params)
         args = (p, harness.fresh_copy(tx.init(p)), grads)
-        passes = harness.ADAM_PASSES
-    elif mode == "dispatch":
-        tx = methods.optimizer(job["optimizer"])
-        fn, donate, feed = methods.dispatch_step()
-        p = harness.fresh_copy(params)
-        args = (p, harness.fresh_copy(tx.init(p)), grads)
-        passes = None
-    else:
-        method = methods.method_by_key(case["method"])
-        if method.factory is None:
-            return {**common, **case, "status": "skipped", "reason": method.missing}
-        clipper = method.factory(spec)
-        if mode == "chain":
-            tx = optax.chain(clipper, methods.optimizer(job["optimizer"]))
-            fn, donate, feed = methods.train_step(tx)
-            p = harness.fresh_copy(params)
-            args = (p, harness.fresh_copy(tx.init(p)), grads)
-            passes = method.chain_passes
-        elif mode == "clip":
-            fn, donate, feed = methods.clip_step(clipper, method.needs_params)
-            state = harness.fresh_copy(clipper.init(params))
-            g = harness.fresh_copy(grads)
-            args = (g, state, params) if method.needs_params else (g, state)
-            passes = method.clip_passes
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+        return fn, donate, feed, args, method.chain_passes
+    if mode == "clip":
+        fn, donate, feed = methods.clip_step(clipper, method.needs_params)
+        state = harness.fresh_copy(clipper.init(params))
+        g = harness.fresh_copy(grads)
+        args = (g, state, params) if method.needs_params else (g, state)
+        return fn, donate, feed, args, method.clip_passes
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def _run_step_case(case, common, spec, grads, params, job) -> dict[str, Any]:
+    import harness
+
+    prepared = _prepare_step_case(case, spec, grads, params, job)
+    if isinstance(prepared, str):
+        return {**common, **case, "status": "skipped", "reason": prepared}
+    fn, donate, feed, args, passes = prepared
     timing, args = harness.time_step(
         fn, args, donate_argnums=donate, feed=feed, reps=job["reps"], warmup=job["warmup"]
     )
@@ -247,6 +252,50 @@ def _run_step_case(case, common, spec, grads, params, job) -> dict[str, Any]:
     if passes is not None:
         record["gbps"] = harness.gb_per_s(passes, spec.n_params, spec.itemsize, timing.median_ms)
     return record
+
+
+def paired_job(job: dict[str, Any]) -> None:
+    """Each case is a group of steps timed in alternation (harness.time_interleaved)."""
+    import harness
+
+    spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
+    common = {**job.get("common", {}), **_tree_info(spec), "optimizer": job["optimizer"]}
+    grads = harness.make_tree(spec, seed=1, std=spec.grad_std)
+    params = harness.make_tree(spec, seed=2, std=harness.PARAM_STD)
+    for case in job["cases"]:
+        emit({"event": "start", "id": case["id"]})
+        try:
+            members, kept, skipped = [], [], []
+            for member in case["members"]:
+                prepared = _prepare_step_case(member, spec, grads, params, job)
+                if isinstance(prepared, str):
+                    skipped.append({**member, "status": "skipped", "reason": prepared})
+                    continue
+                fn, donate, feed, args, passes = prepared
+                compiled, lower_s, compile_s, temp = harness.compile_step(fn, args, donate)
+                members.append(harness.Member(compiled, args, feed, lower_s, compile_s, temp))
+                kept.append({**member, "passes": passes})
+            timings = harness.time_interleaved(members, reps=job["reps"], warmup=job["warmup"])
+            results = []
+            for member, timing in zip(kept, timings, strict=True):
+                entry = {**member, "status": "ok", "timing": timing.as_dict()}
+                if member["passes"] is not None:
+                    entry["gbps"] = harness.gb_per_s(
+                        member["passes"], spec.n_params, spec.itemsize, timing.median_ms
+                    )
+                results.append(entry)
+            del members
+            record = {
+                **common,
+                "id": case["id"],
+                "group": case["group"],
+                "mode": "paired",
+                "status": "ok",
+                "members": results + skipped,
+            }
+        except Exception as exc:
+            record = _error_record({"id": case["id"], "group": case["group"]}, common, exc)
+        emit({"event": "result", "id": case["id"], "record": record})
 
 
 def torch_job(job: dict[str, Any]) -> None:
@@ -386,6 +435,7 @@ def compile_job(job: dict[str, Any]) -> None:
 JOBS = {
     "bandwidth": bandwidth_job,
     "steps": steps_job,
+    "paired": paired_job,
     "torch": torch_job,
     "compile": compile_job,
 }

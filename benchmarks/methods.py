@@ -185,13 +185,13 @@ def all_methods() -> list[Method]:
     from compile_scaling import NORMS
 
     add(
-        "variant:global_bucketed",
+        "variant:global_proposed",
         "global",
         "variant",
-        "same clip, bucketed norm (proposal, compile_scaling.py)",
+        "same clip and stats, proposed norm (compile_scaling.py)",
         1,
         False,
-        lambda spec: clip_by_global_norm_with_norm(NORMS["bucketed"], 1.0, "bucketed"),
+        lambda spec: clip_by_global_norm_with_norm(NORMS["proposed"], 1.0, "proposed"),
     )
     add(
         "optax:global",

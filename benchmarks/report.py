@@ -276,6 +276,60 @@ def compile_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _paired(records: list[dict[str, Any]], section: str, tree: str, group: str):
+    """{(method, mode): member} of an interleaved group, or {} when not measured."""
+    for r in records:
+        if (
+            r["section"] == section
+            and r.get("tree") == tree
+            and r.get("group") == group
+            and r.get("status") == "ok"
+        ):
+            return {(m.get("method"), m["mode"]): m for m in r["members"]}
+    return {}
+
+
+def paired_tables(records: list[dict[str, Any]], section: str) -> str:
+    refs = bandwidth_refs(records)
+    parts = []
+    for tree in _trees(records, section):
+        for group, base_key in (
+            ("chain", (None, "optimizer")),
+            ("clip", ("optaxclip:global", "clip")),
+        ):
+            rec = next(
+                (
+                    r
+                    for r in records
+                    if r["section"] == section and r.get("tree") == tree and r.get("group") == group
+                ),
+                None,
+            )
+            if rec is None:
+                continue
+            if rec.get("status") != "ok":
+                parts.append(f"- {tree} / {group}: {rec.get('status')}: {rec.get('reason')}")
+                continue
+            members = _paired(records, section, tree, group)
+            base = _median(members.get(base_key))
+            what = "x optimizer alone" if group == "chain" else "x optaxclip global clip"
+            parts.append(f"#### {rec['tree_summary']}: {group}, timed in alternation\n")
+            parts.append(f"| step | ms median (min-max) | {what} | GB/s (frac rw / ro) |")
+            parts.append("|---|---|---|---|")
+            for m in rec["members"]:
+                if m.get("status") != "ok":
+                    parts.append(f"| {m['label']} | skipped: {m.get('reason')} | - | - |")
+                    continue
+                opt = rec.get("optimizer", "adam")
+                label = m["label"] if m["mode"] != "chain" else f"chain({m['label']}, {opt})"
+                parts.append(
+                    f"| {label} | {_ms(m)} | {_fmt(_ratio(_median(m), base), 3)} "
+                    f"| {_gbps_cell(m, refs)} |"
+                )
+            parts.append("")
+    return "\n".join(parts)
+
+
 def _target_row(name: str, where: str, value: float | None, limit: float, fmt: str) -> str:
     if value is None:
         return f"| {name} | {where} | - | not measured |"
@@ -288,8 +342,15 @@ def targets_table(records: list[dict[str, Any]]) -> str:
     for section in ("steps", "gpu"):
         idx = _index(records, section)
         for tree in _trees(records, section):
-            opt = _median(idx.get((tree, None, "optimizer")))
-            chain = _median(idx.get((tree, "optaxclip:global", "chain")))
+            pchain = _paired(records, section, tree, "chain")
+            pclip = _paired(records, section, tree, "clip")
+            how = " [alternating]" if pchain else " [separate runs]"
+            if pchain:
+                opt = _median(pchain.get((None, "optimizer")))
+                chain = _median(pchain.get(("optaxclip:global", "chain")))
+            else:
+                opt = _median(idx.get((tree, None, "optimizer")))
+                chain = _median(idx.get((tree, "optaxclip:global", "chain")))
             ratio = _ratio(chain, opt)
             opt_name = next(
                 (
@@ -303,103 +364,143 @@ def targets_table(records: list[dict[str, Any]]) -> str:
                 _target_row(
                     f"chain(clip_by_global_norm, {opt_name}) <= {CHAIN_OVER_ADAM:.2f}x "
                     f"{opt_name} alone (issue 2: {CHAIN_OVER_ADAM_ISSUE2:.2f}x)",
-                    f"{section}/{tree}",
+                    f"{section}/{tree}{how}",
                     ratio,
                     CHAIN_OVER_ADAM,
                     "{:.3f}x",
                 )
             )
             for mode in ("chain", "clip"):
-                with_stats = _median(idx.get((tree, "optaxclip:global", mode)))
-                without = _median(idx.get((tree, "variant:global_nostats", mode)))
+                paired = pchain if mode == "chain" else pclip
+                source = paired or {
+                    k: idx.get((tree, k, mode))
+                    for k in ("optaxclip:global", "variant:global_nostats")
+                }
+                if paired:
+                    source = {k[0]: v for k, v in paired.items()}
+                with_stats = _median(source.get("optaxclip:global"))
+                without = _median(source.get("variant:global_nostats"))
                 r = _ratio(with_stats, without)
                 out.append(
                     _target_row(
                         f"ClipStats cost <= {STATS_COST:.0%} ({mode})",
-                        f"{section}/{tree}",
+                        f"{section}/{tree}{' [alternating]' if paired else ' [separate runs]'}",
                         None if r is None else r - 1,
                         STATS_COST,
                         "{:+.1%}",
                     )
                 )
-            for r in records:
-                if (
-                    r["section"] == section
-                    and r.get("tree") == tree
-                    and r.get("family") in ("autoclip", "zclip", "adagc", "quantile_clip")
-                    and r.get("status") == "ok"
-                ):
-                    base = _median(idx.get((tree, "optaxclip:global", r["mode"])))
-                    out.append(
-                        _target_row(
-                            f"{r['label']} <= {ADAPTIVE_OVER_GLOBAL:.2f}x static global clip "
-                            f"({r['mode']})",
-                            f"{section}/{tree}",
-                            _ratio(_median(r), base),
-                            ADAPTIVE_OVER_GLOBAL,
-                            "{:.3f}x",
-                        )
+            adaptive = [
+                r
+                for r in records
+                if r["section"] == section
+                and r.get("tree") == tree
+                and r.get("family") in ("autoclip", "zclip", "adagc", "quantile_clip")
+                and r.get("status") == "ok"
+                and r["mode"] in ("clip", "chain")
+            ]
+            for r in adaptive:
+                paired = pchain if r["mode"] == "chain" else pclip
+                if paired and (r["method"], r["mode"]) in paired:
+                    value = _ratio(
+                        _median(paired[(r["method"], r["mode"])]),
+                        _median(paired.get(("optaxclip:global", r["mode"]))),
                     )
+                    where = f"{section}/{tree} [alternating]"
+                else:
+                    base = _median(idx.get((tree, "optaxclip:global", r["mode"])))
+                    value = _ratio(_median(r), base)
+                    where = f"{section}/{tree} [separate runs]"
+                out.append(
+                    _target_row(
+                        f"{r['label']} <= {ADAPTIVE_OVER_GLOBAL:.2f}x static global clip "
+                        f"({r['mode']})",
+                        where,
+                        value,
+                        ADAPTIVE_OVER_GLOBAL,
+                        "{:.3f}x",
+                    )
+                )
     cidx = _compile_index(records)
     leaves = sorted({r["n_leaves"] for r in records if r["section"] == "compile"})
     if leaves:
-        at = 2000 if 2000 in leaves else leaves[-1]
+        out += _compile_targets(cidx, leaves)
+    return "\n".join(out)
+
+
+def _compile_value(r: dict[str, Any] | None) -> tuple[float | None, str]:
+    """(seconds, text) of a compile point; seconds None unless it finished."""
+    if r is None:
+        return None, "not measured"
+    if r.get("status") == "ok":
+        return r["total_s"], f"{r['total_s']:.1f} s"
+    return None, r.get("reason") or r.get("status", "?")
+
+
+def _compile_targets(cidx: dict[tuple, dict[str, Any]], leaves: list[int]) -> list[str]:
+    out = []
+    at = 2000 if 2000 in leaves else leaves[-1]
+    subjects = [("optaxclip:global", "clip_by_global_norm")]
+    if any(k[0] == "variant:global_proposed" for k in cidx):
+        subjects.append(("variant:global_proposed", "proposed norm (variant)"))
+    for key, name in subjects:
         for mode in ("clip", "chain"):
-            ours = cidx.get(("optaxclip:global", mode, at))
-            theirs = cidx.get(("optax:global", mode, at))
-            ours_s = ours["total_s"] if ours and ours.get("status") == "ok" else None
-            if theirs and theirs.get("status") == "ok":
-                theirs_s = theirs["total_s"]
-            elif theirs and theirs.get("status") == "timeout" and ours_s is not None:
-                theirs_s = None
-                out.append(
-                    f"| compile clip_by_global_norm ({mode}) <= {COMPILE_VS_OPTAX_AT_2000:.2f}x "
-                    f"Optax's | {at} leaves | ours {ours_s:.1f} s, Optax {theirs['reason']} "
-                    "| met if Optax's time exceeds 10x ours |"
-                )
-                continue
-            else:
-                theirs_s = None
-            out.append(
-                _target_row(
-                    f"compile clip_by_global_norm ({mode}) <= {COMPILE_VS_OPTAX_AT_2000:.2f}x "
-                    "Optax's",
-                    f"{at} leaves",
-                    _ratio(ours_s, theirs_s),
-                    COMPILE_VS_OPTAX_AT_2000,
-                    "{:.3f}x",
-                )
-            )
-        pts = [
-            (n, cidx[("optaxclip:global", "clip", n)]["total_s"])
-            for n in leaves
-            if cidx.get(("optaxclip:global", "clip", n), {}).get("status") == "ok"
-        ]
-        k = growth_exponent(pts)
-        out.append(
-            _target_row(
-                "compile of clip_by_global_norm grows about linearly (exponent <= 1.2)",
-                f"{pts[0][0]}-{pts[-1][0]} leaves" if pts else "-",
-                k,
-                1.2,
-                "k = {:.2f}",
-            )
-        )
-        for n in leaves:
-            chain = cidx.get(("optaxclip:global", "chain", n))
-            adam = cidx.get(("optimizer", "optimizer", n))
-            if chain and adam and chain.get("status") == "ok" and adam.get("status") == "ok":
+            ours_s, ours_txt = _compile_value(cidx.get((key, mode, at)))
+            theirs_s, theirs_txt = _compile_value(cidx.get(("optax:global", mode, at)))
+            target = f"compile {name} ({mode}) <= {COMPILE_VS_OPTAX_AT_2000:.2f}x Optax's"
+            if ours_s is not None and theirs_s is not None:
                 out.append(
                     _target_row(
-                        f"compile chain(clip_by_global_norm, adam) <= "
-                        f"{CHAIN_COMPILE_OVER_ADAM:.2f}x adam's",
-                        f"{n} leaves",
-                        chain["total_s"] / adam["total_s"],
-                        CHAIN_COMPILE_OVER_ADAM,
-                        "{:.2f}x",
+                        target,
+                        f"{at} leaves",
+                        ours_s / theirs_s,
+                        COMPILE_VS_OPTAX_AT_2000,
+                        "{:.3f}x",
                     )
                 )
-    return "\n".join(out)
+            elif ours_s is None and theirs_s is not None:
+                out.append(
+                    f"| {target} | {at} leaves | ours {ours_txt}, Optax {theirs_txt} | **not met** |"
+                )
+            else:
+                verdict = "met if Optax's exceeds 10x ours" if ours_s is not None else "-"
+                out.append(
+                    f"| {target} | {at} leaves | ours {ours_txt}, Optax {theirs_txt} | {verdict} |"
+                )
+        pts = [
+            (n, cidx[(key, "clip", n)]["total_s"])
+            for n in leaves
+            if cidx.get((key, "clip", n), {}).get("status") == "ok"
+        ]
+        missing = [n for n in leaves if cidx.get((key, "clip", n), {}).get("status") != "ok"]
+        where = f"{pts[0][0]}-{pts[-1][0]} leaves" if pts else "-"
+        if missing and pts:
+            where += f" (not finished at {', '.join(map(str, missing))})"
+        row = _target_row(
+            f"compile of {name} grows about linearly (exponent <= 1.2)",
+            where,
+            growth_exponent(pts),
+            1.2,
+            "k = {:.2f}",
+        )
+        if missing:
+            row = row.rsplit("|", 2)[0] + "| **not met** |"
+        out.append(row)
+        for n in leaves:
+            chain_s, chain_txt = _compile_value(cidx.get((key, "chain", n)))
+            adam_s, adam_txt = _compile_value(cidx.get(("optimizer", "optimizer", n)))
+            target = f"compile chain({name}, adam) <= {CHAIN_COMPILE_OVER_ADAM:.2f}x adam's"
+            if chain_s is not None and adam_s is not None:
+                out.append(
+                    _target_row(
+                        target, f"{n} leaves", chain_s / adam_s, CHAIN_COMPILE_OVER_ADAM, "{:.2f}x"
+                    )
+                )
+            elif adam_s is not None:
+                out.append(
+                    f"| {target} | {n} leaves | chain {chain_txt}, adam {adam_txt} | **not met** |"
+                )
+    return out
 
 
 def render(results: dict[str, Any]) -> str:
@@ -430,7 +531,10 @@ def render(results: dict[str, Any]) -> str:
     for section, title in (("steps", "Step times"), ("gpu", "GPU: clip + AdamW")):
         tables = steps_tables(records, section)
         if tables.strip():
-            lines += [f"**{title}**", "", tables, ""]
+            lines += [f"**{title}** (each case timed on its own)", "", tables, ""]
+        paired = paired_tables(records, section)
+        if paired.strip():
+            lines += [f"**{title}: comparisons timed in alternation**", "", paired, ""]
     torch = torch_tables(records)
     if torch.strip():
         lines += ["**PyTorch (CPU)**", "", torch, ""]

@@ -68,7 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-timeout", type=float, default=None, help="seconds per compile point")
     p.add_argument("--compile-methods", default=None, help="families for the compile section")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch section")
-    p.add_argument("--report", default=None, help="render an existing results JSON and exit")
+    p.add_argument(
+        "--no-paired",
+        action="store_true",
+        help="skip the interleaved comparisons behind the targets (steps/gpu sections)",
+    )
+    p.add_argument(
+        "--report",
+        default=None,
+        help="render results JSON file(s) (comma-separated; records are merged) and exit",
+    )
     p.add_argument("--write-docs", action="store_true", help="fill docs/performance.md's table")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -81,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "small_leaves": 2000,
         "case_timeout": 1800.0,
         "compile_leaves": "100,1000,2000,5000",
-        "compile_timeout": 600.0,
+        "compile_timeout": 300.0,
         "compile_methods": None,
         "trees": ",".join(TREES),
         "sections": "bandwidth,steps,torch,compile",
@@ -128,6 +137,13 @@ def _record_line(r: dict[str, Any]) -> str:
         return f"{where} {what} [{r.get('mode', '')}]: {r.get('status')}: {r.get('reason')}"
     if "total_s" in r:
         return f"{where} {what} [{r['mode']}]: {r['total_s']:.2f} s"
+    if "members" in r:
+        parts = [
+            f"{m.get('method') or m['mode']}[{m['mode']}] {m['timing']['median_ms']:.2f} ms"
+            for m in r["members"]
+            if m.get("status") == "ok"
+        ]
+        return f"{where} alternating {r['group']}: " + ", ".join(parts)
     t = r["timing"]
     gb = f", {r['gbps']:.1f} GB/s" if r.get("gbps") is not None else ""
     return f"{where} {what} [{r.get('mode', '')}]: {t['median_ms']:.2f} ms{gb}"
@@ -227,6 +243,50 @@ class Suite:
             }
             log(f"{section}: tree {tree} (scale {scale:g}), {len(cases)} cases")
             self._run(job, a.case_timeout)
+            if not a.no_paired:
+                groups = self._paired_groups(chosen, opt, section)
+                if groups:
+                    log(f"{section}: tree {tree}, interleaved comparisons")
+                    self._run({**job, "kind": "paired", "cases": groups}, a.case_timeout)
+
+    @staticmethod
+    def _paired_groups(chosen: list[Any], opt: str, section: str) -> list[dict[str, Any]]:
+        """The comparisons behind the targets, each timed in alternation in one process.
+
+        On the GPU (1B parameters, every member holds its own params and Adam state) the
+        local variants other than the stats-free one are left out to bound the memory.
+        """
+        import methods
+
+        keys = [m.key for m in chosen]
+        wanted = ["optaxclip:global", "variant:global_nostats"]
+        if section != "gpu":
+            wanted += ["variant:global_proposed", "variant:global_bare"]
+        wanted += [m.key for m in chosen if m.family in methods.ADAPTIVE_FAMILIES]
+        present = [k for k in wanted if k in keys]
+        if "optaxclip:global" not in present:
+            return []
+
+        def member(key: str | None, mode: str) -> dict[str, Any]:
+            if key is None:
+                return {"method": None, "mode": "optimizer", "label": f"optax.{opt} alone"}
+            m = next(x for x in chosen if x.key == key)
+            return {
+                "method": key,
+                "family": m.family,
+                "library": m.library,
+                "label": m.label,
+                "mode": mode,
+            }
+
+        chain = [member(None, "optimizer")] + [member(k, "chain") for k in present]
+        if "optax:global" in keys:
+            chain.append(member("optax:global", "chain"))
+        clip = [member(k, "clip") for k in present]
+        return [
+            {"id": "paired-chain", "group": "chain", "members": chain},
+            {"id": "paired-clip", "group": "clip", "members": clip},
+        ]
 
     def _tree_args(self, tree: str) -> dict[str, Any]:
         if tree.startswith("transformer"):
@@ -261,7 +321,11 @@ class Suite:
         a = self.args
         leaves = [int(x) for x in a.compile_leaves.split(",") if x.strip()]
         families = _families(a.compile_methods) or _families(a.methods)
-        chosen = [m for m in methods.select_methods(families) if m.library != "variant"]
+        chosen = [
+            m
+            for m in methods.select_methods(families)
+            if m.library != "variant" or m.key == "variant:global_proposed"
+        ]
         cases: list[dict[str, Any]] = [
             {"id": "optimizer", "method": None, "mode": "optimizer", "label": "optax.adam + apply"}
         ]
@@ -358,8 +422,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.report is not None:
         import report
 
-        with open(args.report) as f:
-            results = json.load(f)
+        parts = []
+        for path in args.report.split(","):
+            with open(path) as f:
+                parts.append(json.load(f))
+        results = {
+            "meta": {
+                **parts[0].get("meta", {}),
+                "command": " + ".join(p.get("meta", {}).get("command", "?") for p in parts),
+                "finished": parts[-1].get("meta", {}).get("finished"),
+                "loadavg_end": parts[-1].get("meta", {}).get("loadavg_end"),
+            },
+            "records": [r for p in parts for r in p["records"]],
+        }
         markdown = report.render(results)
         print(markdown)
         if args.write_docs:

@@ -108,6 +108,20 @@ def _abs_max(x: jax.Array, acc: jnp.dtype) -> jax.Array:
     return jnp.where(jnp.any(nan), jnp.nan, jnp.max(jnp.where(nan, -jnp.inf, mag)))
 
 
+def _abs_max_for_scaling(x: jax.Array, acc: jnp.dtype) -> jax.Array:
+    """max |x| as one plain reduce, for the rescue pass only.
+
+    The divisor only sets the scale: a NaN in ``x`` makes the scaled sum NaN whatever the
+    divisor, so the NaN bookkeeping of ``_abs_max`` (which makes XLA keep a full-size
+    temporary of ``|x|``) is not needed here. (With p in {1, 2} the rescue does not even run
+    on a NaN sum.)
+    """
+    if x.size == 0:
+        return jnp.zeros((), acc)
+    mag = _magnitude(x, acc)
+    return lax.reduce_max(mag, tuple(range(mag.ndim))) if mag.ndim else mag
+
+
 def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return lax.psum(x, axes) if axes else x
 
@@ -165,7 +179,7 @@ def norm_of_leaves(
 
     def rescaled() -> jax.Array:
         maxima = [
-            _pmax(jnp.max(jnp.stack([_abs_max(leaves[i], acc) for i in idx])), axes)
+            _pmax(jnp.max(jnp.stack([_abs_max_for_scaling(leaves[i], acc) for i in idx])), axes)
             for axes, idx in groups.items()
         ]
         largest = lax.stop_gradient(jnp.max(jnp.stack(maxima)))
@@ -217,7 +231,9 @@ def norms_per_leaf(
         return reduce_each(maxima_local, _pmax)
 
     def rescaled() -> jax.Array:
-        maxima = lax.stop_gradient(reduce_each([_abs_max(x, acc) for x in leaves], _pmax))
+        maxima = lax.stop_gradient(
+            reduce_each([_abs_max_for_scaling(x, acc) for x in leaves], _pmax)
+        )
         divisors = jnp.where((maxima > 0) & jnp.isfinite(maxima), maxima, 1)
         sums = reduce_each(
             [_power_sum(x, p, acc, divisors[i]) for i, x in enumerate(leaves)], _psum
