@@ -470,7 +470,9 @@ def clip_by_value(
         finite = jnp.isfinite(pre)
         raise_if_nonfinite(policy, finite, paths, leaves, label)
         out = select_leaves(leaves, clamped, policy, finite)
-        post_if_finite = norm_of_leaves(clamped, 2.0, leaf_axes)
+        # The norm of the returned leaves: they are materialised anyway, so measuring them
+        # (rather than ``clamped``, a second full-size value) costs a read and no temporary.
+        post_if_finite = norm_of_leaves(out, 2.0, leaf_axes)
         n_clipped = sum_across_devices(counts, leaf_axes)
         total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
         fraction = n_clipped / jnp.maximum(total, 1)
