@@ -544,6 +544,102 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _chain_ratio(pchain: dict, idx: dict, tree: str, key: str) -> str:
+    """chain(key, optimizer) / optimizer alone, from the alternating run when there is one."""
+    if pchain and (key, "chain") in pchain:
+        value = _ratio(_median(pchain[(key, "chain")]), _median(pchain.get((None, "optimizer"))))
+        return f"{_fmt(value)}x (alt.)"
+    value = _ratio(
+        _median(idx.get((tree, key, "chain"))), _median(idx.get((tree, None, "optimizer")))
+    )
+    return f"{_fmt(value)}x"
+
+
+def _alone_cell(idx: dict, tree: str, key: str, refs: dict[str, Any]) -> str:
+    r = idx.get((tree, key, "clip"))
+    if r is None or r.get("status") != "ok":
+        return "-"
+    return f"{_median(r):.1f} ms, {_fmt(_ratio(r.get('gbps'), refs.get('rw')))}"
+
+
+def headline_table(records: list[dict[str, Any]]) -> str:
+    """One row per tree: Adam alone, the global clip chained with it (ours, Optax's, PyTorch's)."""
+    refs = bandwidth_refs(records)
+    out = [
+        "| tree | Adam + apply (ms) | chain(optaxclip global clip, Adam) | chain(optax global clip, Adam) "
+        "| optaxclip clip alone: ms, frac of rw peak | optax clip alone | PyTorch clip_grad_norm_ + "
+        "Adam(fused), x Adam(fused) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = 0
+    for section in ("steps", "gpu"):
+        idx = _index(records, section)
+        for tree in _trees(records, section):
+            pchain = _paired(records, section, tree, "chain")
+
+            opt = _median(idx.get((tree, None, "optimizer")))
+            torch = {
+                r["method"]: r for r in records if r["section"] == "torch" and r.get("tree") == tree
+            }
+            t_ratio = _ratio(
+                _median(torch.get("torch:clip_norm+adam_fused")),
+                _median(torch.get("torch:adam_fused")),
+            )
+            summary = next(
+                (
+                    r["tree_summary"]
+                    for r in records
+                    if r.get("tree") == tree and r.get("tree_summary")
+                ),
+                tree,
+            )
+            label = summary if section == "steps" else f"{summary} (GPU, AdamW)"
+            out.append(
+                f"| {label} | {_fmt(opt)} | {_chain_ratio(pchain, idx, tree, 'optaxclip:global')} "
+                f"| {_chain_ratio(pchain, idx, tree, 'optax:global')} "
+                f"| {_alone_cell(idx, tree, 'optaxclip:global', refs)} "
+                f"| {_alone_cell(idx, tree, 'optax:global', refs)} "
+                f"| {_fmt(t_ratio)}{'x' if t_ratio else ''} |"
+            )
+            rows += 1
+    return "\n".join(out) if rows else ""
+
+
+def render_summary(results: dict[str, Any], full_report: str | None = None) -> str:
+    """The short form for docs/performance.md: headline, targets, compile time."""
+    records = results["records"]
+    meta = results.get("meta", {})
+    host = meta.get("host", {})
+    device = next((r["device"] for r in records if r.get("device")), "?")
+    lines = [
+        f"Measured {meta.get('finished', '?')} on {host.get('cpu', '?')} "
+        f"({host.get('cpu_count', '?')} cores, {device}), jax {host.get('jax', '?')}, optax "
+        f"{host.get('optax', '?')}; load average {_load(host.get('loadavg_start'))} at the "
+        f"start, {_load(meta.get('loadavg_end'))} at the end. Command: "
+        f"`{meta.get('command', '?')}`.",
+        "",
+    ]
+    refs = bandwidth_refs(records)
+    if refs.get("rw"):
+        lines += [
+            f"Reference bandwidth in the same run: read+write {refs['rw']:.1f} GB/s, read-only "
+            f"{_fmt(refs['read'], 1)} GB/s.",
+            "",
+        ]
+    head = headline_table(records)
+    if head:
+        lines += [head, "", "(alt.) = timed in alternation with Adam alone.", ""]
+    targets = targets_table(records)
+    if targets.count("\n") > 1:
+        lines += ["Targets (reported, not asserted):", "", targets, ""]
+    compile_md = compile_table(records)
+    if compile_md:
+        lines += ["Compile time, seconds:", "", compile_md, ""]
+    if full_report:
+        lines += [f"All tables: `{full_report}`."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 def _load(x: Any) -> str:
     if not x:
         return "?"

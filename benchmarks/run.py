@@ -78,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="render results JSON file(s) (comma-separated; records are merged) and exit",
     )
-    p.add_argument("--write-docs", action="store_true", help="fill docs/performance.md's table")
+    p.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="write the summary (headline, targets, compile) into docs/performance.md",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -439,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         markdown = report.render(results)
         print(markdown)
         if args.write_docs:
-            report.write_docs(os.path.join(ROOT, "docs", "performance.md"), markdown)
+            summary = report.render_summary(results, full_report=args.report)
+            report.write_docs(os.path.join(ROOT, "docs", "performance.md"), summary)
         return
     if args.gpu:
         # Every child inherits this: the 1B-parameter comparisons hold up to ~11 trees of
@@ -450,10 +455,11 @@ def main(argv: list[str] | None = None) -> None:
     import report
 
     with open(suite.json_path) as f:
-        markdown = report.render(json.load(f))
-    print(markdown)
+        results = json.load(f)
+    print(report.render(results))
     if args.write_docs:
-        report.write_docs(os.path.join(ROOT, "docs", "performance.md"), markdown)
+        summary = report.render_summary(results, full_report=os.path.relpath(suite.md_path, ROOT))
+        report.write_docs(os.path.join(ROOT, "docs", "performance.md"), summary)
 
 
 if __name__ == "__main__":
