@@ -14,8 +14,9 @@ cost run time.
 
 Formulations:
   optax                optax.tree.norm; clip and chain use optax.clip_by_global_norm itself
-  current              optaxclip.global_norm as shipped (per-leaf sums stacked; overflow /
-                       underflow rescue under lax.cond that divides every leaf by the global max)
+  current              optaxclip's norm_of_leaves as shipped (small leaves concatenated per
+                       dtype up to 24 MiB, larger leaves reduced in place; overflow / underflow
+                       rescue under lax.cond on the same arrays; fp16/bf16 behind a barrier)
   stack_direct         per-leaf float32 sums of squares, stacked and summed; no rescue
   pow2_rescue          current, but the rescue multiplies by 2**-e (e: exponent of the max),
                        exact, instead of dividing by the max
@@ -31,9 +32,9 @@ Formulations:
   grouped_lean         one reduction per group of <= 64 same-dtype leaves over their
                        concatenation (single consumer each, so it can fuse); lean rescue
                        with the max taken in the leaves' own dtype
-  proposed             bucketed (small leaves concatenated per dtype, in their own dtype),
-                       lean_rescue's rescue, and fp16/bf16 leaves passed through
-                       lax.optimization_barrier first (no float32 copy of the gradient)
+  proposed             the candidate that became "current": bucketed (small leaves
+                       concatenated per dtype, in their own dtype), lean_rescue's rescue, and
+                       fp16/bf16 leaves passed through lax.optimization_barrier first
   concat               one concatenation of all raveled leaves, one sum (rescue on it)
   bucketed             small leaves (<= 65536 elements) concatenated into buckets of up to
                        4M elements, big leaves alone; pow2 rescue

@@ -182,17 +182,6 @@ def all_methods() -> list[Method]:
         False,
         lambda spec: bare_clip_by_global_norm(1.0),
     )
-    from compile_scaling import NORMS
-
-    add(
-        "variant:global_proposed",
-        "global",
-        "variant",
-        "same clip and stats, proposed norm (compile_scaling.py)",
-        1,
-        False,
-        lambda spec: clip_by_global_norm_with_norm(NORMS["proposed"], 1.0, "proposed"),
-    )
     add(
         "optax:global",
         "global",

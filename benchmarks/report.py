@@ -441,8 +441,6 @@ def _compile_targets(cidx: dict[tuple, dict[str, Any]], leaves: list[int]) -> li
     out = []
     at = 2000 if 2000 in leaves else leaves[-1]
     subjects = [("optaxclip:global", "clip_by_global_norm")]
-    if any(k[0] == "variant:global_proposed" for k in cidx):
-        subjects.append(("variant:global_proposed", "proposed norm (variant)"))
     for key, name in subjects:
         for mode in ("clip", "chain"):
             ours_s, ours_txt = _compile_value(cidx.get((key, mode, at)))

@@ -266,7 +266,7 @@ class Suite:
         keys = [m.key for m in chosen]
         wanted = ["optaxclip:global", "variant:global_nostats"]
         if section != "gpu":
-            wanted += ["variant:global_proposed", "variant:global_bare"]
+            wanted += ["variant:global_bare"]
         wanted += [m.key for m in chosen if m.family in methods.ADAPTIVE_FAMILIES]
         present = [k for k in wanted if k in keys]
         if "optaxclip:global" not in present:
@@ -329,7 +329,7 @@ class Suite:
         chosen = [
             m
             for m in methods.select_methods(families)
-            if m.library != "variant" or m.key == "variant:global_proposed"
+            if m.library != "variant"
         ]
         cases: list[dict[str, Any]] = [
             {"id": "optimizer", "method": None, "mode": "optimizer", "label": "optax.adam + apply"}

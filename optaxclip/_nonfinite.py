@@ -72,12 +72,18 @@ def scale_leaves(
     Each output keeps its input dtype. fp16/bf16 leaves are multiplied in float32 and rounded
     once. A scale of exactly 1 returns the leaf bit for bit.
     """
+    if policy == "zero":
+        return [
+            jnp.where(finite, multiply(leaf, scale), jnp.zeros_like(leaf))
+            for leaf, scale in zip(leaves, scales, strict=True)
+        ]
+    # One select per distinct scale (a global clip passes the same scale for every leaf).
+    kept: dict[int, jax.Array] = {}
     out = []
     for leaf, scale in zip(leaves, scales, strict=True):
-        if policy == "zero":
-            out.append(jnp.where(finite, multiply(leaf, scale), jnp.zeros_like(leaf)))
-        else:
-            out.append(multiply(leaf, jnp.where(finite, scale, 1)))
+        if id(scale) not in kept:
+            kept[id(scale)] = jnp.where(finite, scale, 1)
+        out.append(multiply(leaf, kept[id(scale)]))
     return out
 
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -18,6 +19,7 @@ from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_a
 from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves, select_leaves
 from optaxclip._numerics import (
     combine_norms,
+    group_by_axes,
     norm_of_leaves,
     norms_per_leaf,
     sum_across_devices,
@@ -199,7 +201,6 @@ def _per_leaf_norm_clipper(
         del params
         paths, leaves, treedef = flatten_updates(updates)
         count = state.stats.count
-        limits = threshold.per_leaf_values(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
         norms = norms_per_leaf(leaves, p, leaf_axes)
         if not leaves:
@@ -213,14 +214,14 @@ def _per_leaf_norm_clipper(
                     clipped_fraction=0.0,
                 )
             )
-        limit_vector = jnp.stack(limits).astype(norms.dtype)
+        limit_vector = threshold.per_leaf_vector(updates, count).astype(norms.dtype)
         if rms:
-            sizes = jnp.stack(
-                [
-                    jnp.asarray(max(x.size, 1), norms.dtype) * (lax.psum(1, axes) if axes else 1)
-                    for x, axes in zip(leaves, leaf_axes, strict=True)
-                ]
-            )
+            sizes = jnp.asarray(np.array([max(x.size, 1) for x in leaves], np.float64), norms.dtype)
+            for axes, idx in group_by_axes(leaf_axes).items():
+                if axes:
+                    mask = np.zeros(len(leaves), bool)
+                    mask[idx] = True
+                    sizes = jnp.where(mask, sizes * lax.psum(1, axes), sizes)
             norm_limits = limit_vector * jnp.sqrt(sizes)
         else:
             norm_limits = limit_vector

@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optaxclip._validation import check_number, is_concrete_number, path_str
 
@@ -129,6 +130,21 @@ class Threshold:
                 out.append(jnp.asarray(value, jnp.float32))
             return out
         return [jnp.asarray(v, jnp.float32) for v in self._broadcast(tree)]
+
+    def per_leaf_vector(self, tree: Any, count: jax.Array) -> jax.Array:
+        """``per_leaf_values`` as one float32 vector.
+
+        Built as a constant (or one broadcast) rather than by stacking one scalar per leaf,
+        which XLA compiles slowly on trees with thousands of leaves.
+        """
+        if self.kind in ("constant", "schedule"):
+            n = len(jax.tree_util.tree_leaves(tree))
+            return jnp.broadcast_to(self.scalar(count), (n,))
+        values = self.per_leaf_values(tree, count)
+        try:
+            return jnp.asarray(np.array([float(v) for v in values], np.float32).reshape(-1))
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
 
     def _broadcast(self, tree: Any) -> list[Any]:
         """Broadcasts a pytree spec (the tree's structure or a prefix) to every leaf."""

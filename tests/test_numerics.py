@@ -6,6 +6,7 @@ Reference: float64 NumPy on the values as rounded to each leaf's dtype (see conf
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
+from optaxclip import _numerics
 from optaxclip._numerics import combine_norms, safe_divide, safe_root
 
 # Op by op: see conftest.eager_ops (the jit tests below switch jit back on explicitly).
@@ -51,6 +53,49 @@ def test_leaf_norms_match_float64_reference_per_leaf(tree, p):
     assert jax.tree.structure(norms) == jax.tree.structure(tree)
     for leaf, norm in zip(jax.tree.leaves(tree), jax.tree.leaves(norms), strict=True):
         assert _rel_err(float(norm), ref_leaf_norm(leaf, p)) <= NORM_RTOL
+
+
+@given(
+    tree=gradient_trees(),
+    p=st.sampled_from(ORDS),
+    small=st.integers(0, 6),
+    budget=st.integers(0, 64),
+)
+def test_norms_match_reference_however_leaves_are_batched(tree, p, small, budget):
+    # Small leaves are reduced together (concatenated for the global norm, stacked by size
+    # for per-leaf norms) up to a byte budget; the rest one by one. Shrinking both limits
+    # makes random trees mix the two paths, in every order, with the rescue pass included.
+    with (
+        mock.patch.object(_numerics, "_SMALL_LEAF", small),
+        mock.patch.object(_numerics, "_CONCAT_BYTES", budget),
+    ):
+        norm = optaxclip.global_norm(tree, ord=p)
+        norms = optaxclip.leaf_norms(tree, ord=p)
+    assert _rel_err(float(norm), ref_global_norm(tree, p)) <= NORM_RTOL
+    for leaf, value in zip(jax.tree.leaves(tree), jax.tree.leaves(norms), strict=True):
+        assert _rel_err(float(value), ref_leaf_norm(leaf, p)) <= NORM_RTOL
+
+
+def test_many_small_leaves_beyond_the_batching_budget_under_jit():
+    # 3000 leaves: some above the small-leaf size, the small ones overflowing a shrunken
+    # budget, mixed dtypes; under jit, as a training step runs them.
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 40, size=3000)
+    dtypes = [jnp.float32, jnp.bfloat16, jnp.float16]
+    tree = [
+        jnp.asarray(rng.normal(size=int(n)) * 10.0 ** rng.integers(-3, 3), dtypes[i % 3])
+        for i, n in enumerate(sizes)
+    ]
+    with (
+        jax.disable_jit(False),
+        mock.patch.object(_numerics, "_SMALL_LEAF", 30),
+        mock.patch.object(_numerics, "_CONCAT_BYTES", 20_000),
+    ):
+        norm = jax.jit(optaxclip.global_norm)(tree)
+        norms = jax.jit(optaxclip.leaf_norms)(tree)
+    assert _rel_err(float(norm), ref_global_norm(tree, 2.0)) <= NORM_RTOL
+    expected = np.array([ref_leaf_norm(x, 2.0) for x in tree])
+    np.testing.assert_allclose(np.asarray(jnp.stack(norms)), expected, rtol=NORM_RTOL)
 
 
 def test_global_norm_is_exact_for_float64_leaves_under_x64():
