@@ -188,6 +188,9 @@ def _needs_rescue(total: jax.Array, p: float, *, zero_is_suspect: bool) -> jax.A
 # reduced in place, one loop each.
 _SMALL_LEAF = 1 << 16
 _CONCAT_BYTES = 24 << 20
+# XLA:CPU emits a concatenation element by element; its code grows with the number of
+# operands, so at most this many leaves go into one.
+_MAX_JOINED = 512
 
 
 def _can_join(x: jax.Array) -> bool:
@@ -233,16 +236,22 @@ def _buckets(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     budget = _Budget()
     alone: list[jax.Array] = []
     joined: dict[Any, list[jax.Array]] = {}
+
+    def join(parts: list[jax.Array]) -> jax.Array:
+        return parts[0] if len(parts) == 1 else jnp.concatenate([x.ravel() for x in parts])
+
     for x in leaves:
         if x.size == 0:
             continue
         if budget.take(x, x.size):
-            joined.setdefault(x.dtype, []).append(x)
+            parts = joined.setdefault(x.dtype, [])
+            parts.append(x)
+            if len(parts) == _MAX_JOINED:
+                alone.append(join(parts))
+                joined[x.dtype] = []
         else:
             alone.append(x)
-    for parts in joined.values():
-        alone.append(parts[0] if len(parts) == 1 else jnp.concatenate([x.ravel() for x in parts]))
-    return alone
+    return alone + [join(parts) for parts in joined.values() if parts]
 
 
 def norm_of_leaves(

@@ -60,14 +60,17 @@ def test_leaf_norms_match_float64_reference_per_leaf(tree, p):
     p=st.sampled_from(ORDS),
     small=st.integers(0, 6),
     budget=st.integers(0, 64),
+    joined=st.integers(1, 4),
 )
-def test_norms_match_reference_however_leaves_are_batched(tree, p, small, budget):
-    # Small leaves are reduced together (concatenated for the global norm, stacked by size
-    # for per-leaf norms) up to a byte budget; the rest one by one. Shrinking both limits
+def test_norms_match_reference_however_leaves_are_batched(tree, p, small, budget, joined):
+    # Small leaves are reduced together (concatenated for the global norm, at most
+    # _MAX_JOINED per concatenation; stacked by size for per-leaf norms) up to a byte budget;
+    # the rest one by one. Shrinking both limits
     # makes random trees mix the two paths, in every order, with the rescue pass included.
     with (
         mock.patch.object(_numerics, "_SMALL_LEAF", small),
         mock.patch.object(_numerics, "_CONCAT_BYTES", budget),
+        mock.patch.object(_numerics, "_MAX_JOINED", joined),
     ):
         norm = optaxclip.global_norm(tree, ord=p)
         norms = optaxclip.leaf_norms(tree, ord=p)
@@ -90,6 +93,7 @@ def test_many_small_leaves_beyond_the_batching_budget_under_jit():
         jax.disable_jit(False),
         mock.patch.object(_numerics, "_SMALL_LEAF", 30),
         mock.patch.object(_numerics, "_CONCAT_BYTES", 20_000),
+        mock.patch.object(_numerics, "_MAX_JOINED", 100),
     ):
         norm = jax.jit(optaxclip.global_norm)(tree)
         norms = jax.jit(optaxclip.leaf_norms)(tree)
