@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-leaves", default=None, help="e.g. 100,1000,2000,5000")
     p.add_argument("--compile-timeout", type=float, default=None, help="seconds per compile point")
     p.add_argument("--compile-methods", default=None, help="families for the compile section")
+    p.add_argument(
+        "--compile-libraries",
+        default="optaxclip,optax",
+        help="libraries for the compile section (adam alone is always measured); e.g. "
+        "optaxclip to rerun only ours and merge with --report",
+    )
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch section")
     p.add_argument(
         "--no-paired",
@@ -326,11 +332,8 @@ class Suite:
         a = self.args
         leaves = [int(x) for x in a.compile_leaves.split(",") if x.strip()]
         families = _families(a.compile_methods) or _families(a.methods)
-        chosen = [
-            m
-            for m in methods.select_methods(families)
-            if m.library != "variant"
-        ]
+        libraries = {x.strip() for x in a.compile_libraries.split(",") if x.strip()}
+        chosen = [m for m in methods.select_methods(families) if m.library in libraries]
         cases: list[dict[str, Any]] = [
             {"id": "optimizer", "method": None, "mode": "optimizer", "label": "optax.adam + apply"}
         ]

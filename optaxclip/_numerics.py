@@ -221,14 +221,11 @@ def _shield_low_precision(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     convert with the norm's own and materializes a float32 copy of the whole gradient for the
     two consumers; with it, each reduction and each multiply converts as it reads.
     """
-    low = [i for i, x in enumerate(leaves) if x.dtype in (jnp.float16, jnp.bfloat16)]
-    if not low:
-        return list(leaves)
-    shielded = lax.optimization_barrier([leaves[i] for i in low])
-    out = list(leaves)
-    for i, x in zip(low, shielded, strict=True):
-        out[i] = x
-    return out
+    # One barrier per leaf: a barrier over several leaves would give each output the union of
+    # their device-variance types inside shard_map.
+    return [
+        lax.optimization_barrier(x) if x.dtype in (jnp.float16, jnp.bfloat16) else x for x in leaves
+    ]
 
 
 def _buckets(leaves: Sequence[jax.Array]) -> list[jax.Array]:

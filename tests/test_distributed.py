@@ -26,7 +26,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
-from optaxclip._layout import leaf_dim_axes, leaf_reduction_axes, normalize_axis_names
+from optaxclip._layout import (
+    _manual_axis_types,
+    leaf_dim_axes,
+    leaf_reduction_axes,
+    normalize_axis_names,
+)
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -343,6 +348,33 @@ def test_layout_from_vma_types_skips_replicated_leaves_without_a_layout() -> Non
         lambda t: leaf_dim_axes(t, ("data", "model"), None), GRADS, specs, mesh
     )
     assert dims == [((),), (), None]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_outputs_and_stats_keep_each_leafs_device_types_in_shard_map(dtype: Any) -> None:
+    # Replicated leaves stay replicated through every transform (the optimization barriers
+    # in the norms and in clip_by_value act leaf by leaf), and the stats are replicated.
+    mesh = one_device_mesh("data", "model")
+    specs = {"w": P(None, "model"), "b": P(), "s": P()}
+    grads = jax.tree.map(lambda x: x.astype(dtype), GRADS)
+    axes = ("data", "model")
+    for tx in [
+        optaxclip.clip_by_global_norm(1.0, axis_name=axes),
+        optaxclip.clip_by_leaf_norm(1.0, axis_name=axes),
+        optaxclip.clip_by_value(0.5, axis_name=axes),
+    ]:
+
+        def types(t: Any, tx: Any = tx) -> Any:
+            out, state = tx.update(t, tx.init(t))
+            stats = optaxclip.clip_stats(state)
+            return (
+                {k: set(_manual_axis_types(v).varying) for k, v in out.items()},
+                {k: set(_manual_axis_types(v).varying) for k, v in stats.items()},
+            )
+
+        out_types, stat_types = trace_in_shard_map(types, grads, specs, mesh)
+        assert out_types == {"w": {"model"}, "b": set(), "s": set()}
+        assert all(v == set() for v in stat_types.values()), stat_types
 
 
 def test_without_vma_types_every_leaf_is_taken_as_split_along_all_axes() -> None:
