@@ -461,29 +461,19 @@ def clip_by_value(
         count = state.stats.count
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
-
-        def clamp(xs: list[jax.Array]) -> list[jax.Array]:
-            return [
-                jnp.clip(
-                    x, lo.astype(jnp.finfo(x.dtype).dtype), hi.astype(jnp.finfo(x.dtype).dtype)
-                )
-                for x, lo, hi in zip(xs, lows, highs, strict=True)
-            ]
-
-        # The statistics read the gradient through an optimization barrier: without it XLA
-        # shares the clamp between the post-clip norm and the output, and keeps a full-size
-        # copy of the clamped gradient alive for both. With it, every statistic is a reduction
-        # that clamps as it reads, and the output is one elementwise pass after them.
-        seen = [lax.optimization_barrier(x) for x in leaves]  # one each: see _numerics
-        counts = [
-            jnp.sum(((x < lo.astype(x.dtype)) | (x > hi.astype(x.dtype))).astype(jnp.float32))
-            for x, lo, hi in zip(seen, lows, highs, strict=True)
-        ]
-        pre = norm_of_leaves(seen, 2.0, leaf_axes)
+        clamped, counts = [], []
+        for x, lo, hi in zip(leaves, lows, highs, strict=True):
+            real = jnp.finfo(x.dtype).dtype
+            lo_x, hi_x = lo.astype(real), hi.astype(real)
+            clamped.append(jnp.clip(x, lo_x, hi_x))
+            counts.append(jnp.sum(((x < lo_x) | (x > hi_x)).astype(jnp.float32)))
+        pre = norm_of_leaves(leaves, 2.0, leaf_axes)
         finite = jnp.isfinite(pre)
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        post_if_finite = norm_of_leaves(clamp(seen), 2.0, leaf_axes)
-        out = select_leaves(leaves, clamp(leaves), policy, finite)
+        out = select_leaves(leaves, clamped, policy, finite)
+        # The norm of the returned leaves: they are materialised anyway, so measuring them
+        # (rather than ``clamped``, a second full-size value) costs a read and no temporary.
+        post_if_finite = norm_of_leaves(out, 2.0, leaf_axes)
         n_clipped = sum_across_devices(counts, leaf_axes)
         total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
         fraction = n_clipped / jnp.maximum(total, 1)
