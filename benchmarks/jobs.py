@@ -185,13 +185,19 @@ def bandwidth_job(job: dict[str, Any]) -> None:
         emit({"event": "result", "id": case["id"], "record": record})
 
 
-def steps_job(job: dict[str, Any]) -> None:
+def _tree_inputs(job: dict[str, Any]) -> tuple[Any, dict[str, Any], Any, Any]:
+    """The job's tree spec, the fields every record shares, and its gradients and params."""
     import harness
 
     spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
     common = {**job.get("common", {}), **_tree_info(spec), "optimizer": job["optimizer"]}
     grads = harness.make_tree(spec, seed=1, std=spec.grad_std)
     params = harness.make_tree(spec, seed=2, std=harness.PARAM_STD)
+    return spec, common, grads, params
+
+
+def steps_job(job: dict[str, Any]) -> None:
+    spec, common, grads, params = _tree_inputs(job)
     for case in job["cases"]:
         emit({"event": "start", "id": case["id"]})
         try:
@@ -258,10 +264,7 @@ def paired_job(job: dict[str, Any]) -> None:
     """Each case is a group of steps timed in alternation (harness.time_interleaved)."""
     import harness
 
-    spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
-    common = {**job.get("common", {}), **_tree_info(spec), "optimizer": job["optimizer"]}
-    grads = harness.make_tree(spec, seed=1, std=spec.grad_std)
-    params = harness.make_tree(spec, seed=2, std=harness.PARAM_STD)
+    spec, common, grads, params = _tree_inputs(job)
     for case in job["cases"]:
         emit({"event": "start", "id": case["id"]})
         try:

@@ -117,19 +117,23 @@ class Threshold:
         if self.kind in ("constant", "schedule"):
             value = self.scalar(count)
             return [value] * len(paths_leaves)
-        if self.kind == "function":
-            out = []
-            for path, leaf in paths_leaves:
-                value = self.value(path, leaf)
-                if callable(value):
-                    raise TypeError(
-                        f"{self.name} returned a callable for leaf {path_str(path)}; "
-                        f"a per-leaf function must return a number."
-                    )
-                check_number(value, self.name, path=path_str(path), minimum=self.minimum)
-                out.append(jnp.asarray(value, jnp.float32))
-            return out
-        return [jnp.asarray(v, jnp.float32) for v in self._broadcast(tree)]
+        return [jnp.asarray(v, jnp.float32) for v in self._leaf_numbers(tree)]
+
+    def _leaf_numbers(self, tree: Any) -> list[Any]:
+        """The per-leaf values of a pytree or function spec, as given (checked numbers)."""
+        if self.kind != "function":
+            return self._broadcast(tree)
+        out = []
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            value = self.value(path, leaf)
+            if callable(value):
+                raise TypeError(
+                    f"{self.name} returned a callable for leaf {path_str(path)}; "
+                    f"a per-leaf function must return a number."
+                )
+            check_number(value, self.name, path=path_str(path), minimum=self.minimum)
+            out.append(value)
+        return out
 
     def per_leaf_vector(self, tree: Any, count: jax.Array) -> jax.Array:
         """``per_leaf_values`` as one float32 vector.
@@ -140,11 +144,10 @@ class Threshold:
         if self.kind in ("constant", "schedule"):
             n = len(jax.tree_util.tree_leaves(tree))
             return jnp.broadcast_to(self.scalar(count), (n,))
-        values = self.per_leaf_values(tree, count)
-        try:
-            return jnp.asarray(np.array([float(v) for v in values], np.float32).reshape(-1))
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            return jnp.stack(values) if values else jnp.zeros((0,), jnp.float32)
+        values = self._leaf_numbers(tree)
+        if all(is_concrete_number(v) for v in values):
+            return jnp.asarray(np.asarray(values, np.float32).reshape(-1))
+        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
 
     def _broadcast(self, tree: Any) -> list[Any]:
         """Broadcasts a pytree spec (the tree's structure or a prefix) to every leaf."""
