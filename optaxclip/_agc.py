@@ -28,6 +28,7 @@ from optaxclip._numerics import (
     _TINY_SUM_OF_SQUARES,
     accumulation_dtype,
     norm_of_leaves,
+    rescale_divisor,
     safe_root,
     sum_across_devices,
 )
@@ -295,7 +296,7 @@ def unit_norms(
             if summed_over[i]:
                 largest = lax.pmax(largest, summed_over[i])
             largest = lax.stop_gradient(largest)
-            divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+            divisor = rescale_divisor(largest)
             out.append(divisor * safe_root(reduce(i, divisor), 2.0))
         return out
 
@@ -318,7 +319,7 @@ def _norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
     differently and cannot be concatenated.
     """
     largest = lax.stop_gradient(jnp.max(jnp.stack([jnp.max(n, initial=0) for n in norms])))
-    divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    divisor = rescale_divisor(largest)
     total = jnp.sum(jnp.stack([jnp.sum(jnp.square(n / divisor)) for n in norms]))
     return divisor * safe_root(total, 2.0)
 

@@ -21,7 +21,7 @@ Accuracy contract (see ``global_norm``):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -34,6 +34,8 @@ from optaxclip._validation import check_float_leaves, normalize_ord
 
 # Below this sum of squares float32 squares have lost bits to the subnormal range.
 _TINY_SUM_OF_SQUARES = 2.0**-96
+
+Transform = Callable[[jax.Array], jax.Array]
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -66,6 +68,17 @@ def safe_root(total: jax.Array, p: float) -> jax.Array:
     safe = jnp.where(positive, total, 1)
     root = jnp.sqrt(safe) if p == 2 else safe ** (1.0 / p)
     return jnp.where(positive, root, jnp.where(jnp.isnan(total), total, 0))
+
+
+def rescale_divisor(largest: jax.Array) -> jax.Array:
+    """What a rescaled sum divides by: ``largest``, at most 2^126 (1 for 0, inf or NaN).
+
+    XLA:CPU divides by multiplying with the reciprocal, which it flushes to 0 when subnormal:
+    dividing by an entry above 2^126 gave 0 (the norm of [3e38, 3e38] came out as 0). Capped
+    there, the quotients stay at most 4 and their squares cannot overflow.
+    """
+    cap = 2.0 ** (jnp.finfo(largest.dtype).maxexp - 2)
+    return jnp.where((largest > 0) & jnp.isfinite(largest), jnp.minimum(largest, cap), 1)
 
 
 def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -228,33 +241,47 @@ def _shield_low_precision(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     ]
 
 
-def _buckets(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-    """The arrays a reduction over all of ``leaves`` runs over (see _SMALL_LEAF above)."""
+def _buckets(
+    leaves: Sequence[jax.Array], transforms: Sequence[Transform | None]
+) -> list[tuple[jax.Array, Transform | None]]:
+    """The arrays a reduction over all of ``leaves`` runs over (see _SMALL_LEAF above).
+
+    Each comes with the transform still to apply where it is read: a leaf reduced in place
+    keeps its own (so that the rescue's cond takes the leaf itself as operand, not a
+    full-size transformed copy); joined leaves are transformed before they are joined.
+    """
     budget = _Budget()
-    alone: list[jax.Array] = []
+    alone: list[tuple[jax.Array, Transform | None]] = []
     joined: dict[Any, list[jax.Array]] = {}
 
     def join(parts: list[jax.Array]) -> jax.Array:
         return parts[0] if len(parts) == 1 else jnp.concatenate([x.ravel() for x in parts])
 
-    for x in leaves:
+    for x, transform in zip(leaves, transforms, strict=True):
         if x.size == 0:
             continue
         if budget.take(x, x.size):
             parts = joined.setdefault(x.dtype, [])
-            parts.append(x)
+            parts.append(x if transform is None else transform(x))
             if len(parts) == _MAX_JOINED:
-                alone.append(join(parts))
+                alone.append((join(parts), None))
                 joined[x.dtype] = []
         else:
-            alone.append(x)
-    return alone + [join(parts) for parts in joined.values() if parts]
+            alone.append((x, transform))
+    return alone + [(join(parts), None) for parts in joined.values() if parts]
 
 
 def norm_of_leaves(
-    leaves: Sequence[jax.Array], p: float, leaf_axes: Sequence[tuple[str, ...]]
+    leaves: Sequence[jax.Array],
+    p: float,
+    leaf_axes: Sequence[tuple[str, ...]],
+    transforms: Sequence[Transform | None] | None = None,
 ) -> jax.Array:
     """The p-norm of all leaves together; leaf i's partial sums are reduced over leaf_axes[i].
+
+    With ``transforms``, the norm of ``transforms[i](leaves[i])`` (elementwise functions that
+    keep the dtype), computed where each leaf is read so that XLA need not materialize the
+    transformed leaves.
 
     Collectives run on scalars only. Every device takes the same branch of the rescue
     ``lax.cond``, since its predicate is computed after the reduction across devices. The
@@ -265,8 +292,10 @@ def norm_of_leaves(
     if not leaves:
         return jnp.zeros((), acc)
     leaves = _shield_low_precision(leaves)
+    funcs = list(transforms) if transforms is not None else [None] * len(leaves)
     groups = [
-        (_buckets([leaves[i] for i in idx]), axes) for axes, idx in group_by_axes(leaf_axes).items()
+        (_buckets([leaves[i] for i in idx], [funcs[i] for i in idx]), axes)
+        for axes, idx in group_by_axes(leaf_axes).items()
     ]
 
     def combined(values: list[jax.Array], combine: Any) -> jax.Array:
@@ -277,7 +306,9 @@ def norm_of_leaves(
     def across(local: Any, device_reduce: Any, combine: Any) -> jax.Array:
         return combined(
             [
-                device_reduce(combined([local(a) for a in arrays], combine), axes)
+                device_reduce(
+                    combined([local(a if f is None else f(a)) for a, f in arrays], combine), axes
+                )
                 for arrays, axes in groups
             ],
             combine,
@@ -289,7 +320,7 @@ def norm_of_leaves(
     def rescaled() -> jax.Array:
         largest = across(lambda a: _abs_max_for_scaling(a, acc), _pmax, jnp.max)
         largest = lax.stop_gradient(largest)
-        divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+        divisor = rescale_divisor(largest)
         total = across(lambda a: _power_sum(a, p, acc, divisor), _psum, jnp.sum)
         return divisor * safe_root(total, p)
 
@@ -378,7 +409,7 @@ def norms_per_leaf(
         maxima = lax.stop_gradient(
             per_leaf(lambda a, axis, _: _abs_max_for_scaling(a, acc, axis), _pmax)
         )
-        divisors = jnp.where((maxima > 0) & jnp.isfinite(maxima), maxima, 1)
+        divisors = rescale_divisor(maxima)
         sums = per_leaf(lambda a, axis, d: _power_sum(a, p, acc, d, axis), _psum, divisors)
         return divisors * safe_root(sums, p)
 
@@ -416,7 +447,7 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
     if p == math.inf:
         return jnp.max(norms)
     largest = lax.stop_gradient(jnp.max(norms))
-    divisor = jnp.where((largest > 0) & jnp.isfinite(largest), largest, 1)
+    divisor = rescale_divisor(largest)
     return divisor * safe_root(jnp.sum((norms / divisor) ** p), p)
 
 

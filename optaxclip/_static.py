@@ -6,7 +6,9 @@ carrying :class:`ClipStats`.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -18,6 +20,7 @@ from jax import lax
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves, select_leaves
 from optaxclip._numerics import (
+    accumulation_dtype,
     combine_norms,
     group_by_axes,
     norm_of_leaves,
@@ -30,6 +33,7 @@ from optaxclip._validation import (
     check_float_leaves,
     check_name,
     check_nonfinite,
+    is_concrete_number,
     normalize_ord,
     path_str,
 )
@@ -359,6 +363,74 @@ def clip_by_block_rms(
     )
 
 
+# --- clip_by_value's statistics ---------------------------------------------------------------
+# The clipped fraction and the post-clip norm are reductions over every entry, next to the clamp.
+# XLA:CPU runs a reduction at memory speed only as one fused loop of plain arithmetic: a
+# comparison, select or clamp op in it is first written out in full, and so is a full-size
+# broadcast constant that another fused computation shares (equal constants of leaves of one
+# shape are merged). So the statistics are arithmetic only, each leaf's scaled by a power of two
+# of its own (exact), and none of them uses a bound of the clamp unscaled.
+_VARIANTS = 16
+# Differences with a bound below this are computed at a larger scale, so that they stay normal
+# numbers (XLA:CPU flushes subnormal results to 0).
+_TINY_BOUND = 2.0**-60
+
+
+def _variants(leaves: Sequence[jax.Array]) -> list[int]:
+    """A small index per leaf, distinct among the first ``_VARIANTS`` leaves of one shape."""
+    seen: dict[Any, int] = {}
+    out = []
+    for x in leaves:
+        key = (x.shape, x.dtype)
+        out.append(seen.get(key, 0) % _VARIANTS)
+        seen[key] = seen.get(key, 0) + 1
+    return out
+
+
+def _difference_scale(bound: jax.Array, variant: int, acc: Any) -> jax.Array:
+    """The scale for ``x * s - bound * s``: 2^-(17 + variant), or 2^(64 - variant) near 0.
+
+    With ``|bound| >= 2^-60``, a nonzero difference stays above 2^-115, a normal number, and an
+    entry so small that ``x * s`` underflows lies on the same side of the bound as 0 does.
+    With a smaller bound (0 included), scaling up keeps every nonzero entry and difference
+    normal; an entry that overflows to +-inf still lies on the correct side.
+    """
+    usual, near_zero = 2.0 ** -(17 + variant), 2.0 ** (64 - variant)
+    if is_concrete_number(bound):
+        return jnp.asarray(near_zero if abs(float(bound)) < _TINY_BOUND else usual, acc)
+    return jnp.where(jnp.abs(bound) < _TINY_BOUND, near_zero, usual).astype(acc)
+
+
+def _count_outside(x: jax.Array, lo: jax.Array, hi: jax.Array, variant: int) -> jax.Array:
+    """The number of entries of ``x`` below ``lo`` or above ``hi``, as a float32 scalar.
+
+    The bounds come in the leaf's dtype, rounded as the clamp uses them. With
+    ``gap = max(x - hi, lo - x)`` (each side scaled, see _difference_scale), an entry is outside
+    exactly when ``gap > 0``, and ``sign(gap) + |sign(gap)|`` is 2 there and 0 elsewhere. An
+    entry that overflows to +-inf when scaled still lies on the correct side. A NaN entry makes
+    the count NaN.
+    """
+    acc = accumulation_dtype(x.dtype)
+    values = x.astype(acc)
+    up, down = _difference_scale(hi, variant, acc), _difference_scale(lo, variant, acc)
+    gap = jnp.maximum(values * up - hi.astype(acc) * up, lo.astype(acc) * down - values * down)
+    side = jnp.sign(gap)
+    return jnp.sum(side + jnp.abs(side), dtype=jnp.float32) / 2
+
+
+def _capped_magnitude(x: jax.Array, cap: jax.Array, variant: int) -> jax.Array:
+    """``min(|x|, cap)``, the magnitude of ``jnp.clip(x, -cap, cap)``, in float32 (or float64).
+
+    Computed as ``min(|x| * t, cap * t) / t`` with ``t = 2^(1 + variant)``, which is exact
+    (unless ``cap * t`` would overflow; then ``t = 1``).
+    """
+    acc = accumulation_dtype(x.dtype)
+    scale = 2.0 ** (1 + variant)
+    if not is_concrete_number(cap) or float(cap) * scale > float(jnp.finfo(acc).max) > float(cap):
+        scale = 1.0
+    return jnp.minimum(jnp.abs(x.astype(acc)) * scale, cap.astype(acc) * scale) * (1 / scale)
+
+
 def clip_by_value(
     max_delta: ThresholdLike,
     min_delta: ThresholdLike | None = None,
@@ -461,19 +533,37 @@ def clip_by_value(
         count = state.stats.count
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
-        clamped, counts = [], []
-        for x, lo, hi in zip(leaves, lows, highs, strict=True):
+        clamped, counts, clamps = [], [], []
+        for x, lo, hi, variant in zip(leaves, lows, highs, _variants(leaves), strict=True):
             real = jnp.finfo(x.dtype).dtype
             lo_x, hi_x = lo.astype(real), hi.astype(real)
             clamped.append(jnp.clip(x, lo_x, hi_x))
-            counts.append(jnp.sum(((x < lo_x) | (x > hi_x)).astype(jnp.float32)))
+            counts.append(_count_outside(x, lo_x, hi_x, variant))
+            if symmetric:
+                clamps.append(functools.partial(_capped_magnitude, cap=hi_x, variant=variant))
+            else:
+                # XLA:CPU writes these clamped leaves out before it reduces them.
+                clamps.append(functools.partial(jnp.clip, min=lo_x, max=hi_x))
         pre = norm_of_leaves(leaves, 2.0, leaf_axes)
         finite = jnp.isfinite(pre)
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        out = select_leaves(leaves, clamped, policy, finite)
-        # The norm of the returned leaves: they are materialised anyway, so measuring them
-        # (rather than ``clamped``, a second full-size value) costs a read and no temporary.
-        post_if_finite = norm_of_leaves(out, 2.0, leaf_axes)
+        # The norm of the clamped leaves, measured on the inputs (clamped as they are read):
+        # measuring the output instead would give it a second consumer besides the
+        # optimizer that follows, and XLA would then write it out in full (and copy the
+        # optimizer state) rather than fuse the clamp into the optimizer's update.
+        post_if_finite = norm_of_leaves(leaves, 2.0, leaf_axes, transforms=clamps)
+        # Each clamp may be written over its (donated) input, so every reduction reading that
+        # input must run first: the norms do through ``ready``, the leaf's own count is tied
+        # in (a count is never negative, and NaN only when the norm is not finite either).
+        # Without this, XLA copies every leaf first.
+        ready = finite & (post_if_finite >= 0)
+        out = [
+            kept
+            for (kept,) in (
+                select_leaves([x], [c], policy, ready & (n >= 0))
+                for x, c, n in zip(leaves, clamped, counts, strict=True)
+            )
+        ]
         n_clipped = sum_across_devices(counts, leaf_axes)
         total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
         fraction = n_clipped / jnp.maximum(total, 1)

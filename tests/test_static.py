@@ -187,6 +187,35 @@ def test_clip_by_value_matches_float64_reference(tree, high, width):
     assert float(state.stats.clipped_fraction) == pytest.approx(n_clamped / max(total, 1))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("high", [2.0**-100, 1e-35, 3e-20, 1.5, 3e4])
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_clip_by_value_counts_entries_one_step_past_a_bound(dtype, high, under_jit):
+    # The clipped fraction counts entries through differences (see _count_outside); next to
+    # a tiny bound such a difference is below float32's smallest normal and would be flushed.
+    bound = np.asarray(high, jnp.dtype(dtype))
+    up = np.nextafter(bound, np.asarray(np.inf, bound.dtype))
+    down = np.nextafter(bound, np.asarray(-np.inf, bound.dtype))
+    largest = float(jnp.finfo(dtype).max)
+    values = np.array(
+        [up, bound, down, -up, -bound, -down, 0, 2 * up, -2 * up, largest], np.float64
+    )
+    x = jnp.asarray(values.astype(np.float32)).astype(dtype)
+    xs = to_f64(x)
+    low_bound, high_bound = (
+        float(-to_f64(jnp.asarray(high, dtype))),
+        float(to_f64(jnp.asarray(high, dtype))),
+    )
+    expected = int(np.sum((xs > high_bound) | (xs < low_bound)))
+    tx = optaxclip.clip_by_value(high)
+    update = jax.jit(tx.update) if under_jit else tx.update
+    out, state = update({"x": x}, tx.init({"x": x}))
+    # The count agrees with the entries the clamp actually moved, and with the reference.
+    moved = int(np.sum(to_f64(out["x"]) != xs))
+    assert moved == expected
+    assert round(float(state.stats.clipped_fraction) * x.size) == expected
+
+
 # --- properties ------------------------------------------------------------------------------
 
 

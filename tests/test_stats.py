@@ -112,6 +112,98 @@ def test_value_clip_stats_match_reference(tree, high):
     assert float(stats.clipped_fraction) == pytest.approx(clamped / values.size)
 
 
+# Bound magnitudes across float32's range: 0, tiny ones whose differences with nearby entries
+# would be subnormal, ordinary ones, and ones near the top where scaled copies overflow.
+VALUE_BOUNDS = st.sampled_from([0.0, 2.0**-100, 1e-35, 3e-20, 0.05, 1.0, 3e4, 1e30, 3e38])
+
+
+@st.composite
+def value_clip_cases(draw):
+    """Many leaves of one shape (the statistics vary per leaf, see _static._variants) whose
+    entries sit on, next to, inside and outside the bounds."""
+    dtype = jnp.dtype(draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])))
+    high = draw(VALUE_BOUNDS)
+    low = -high if draw(st.booleans()) else high - draw(VALUE_BOUNDS)
+    shape = draw(st.sampled_from([(3,), (2, 3), (4, 1)]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    finite_max = float(jnp.finfo(dtype).max)
+    leaves = []
+    for _ in range(draw(st.integers(1, 20))):
+        pool = []
+        for bound in (low, high):
+            b = np.asarray(_in_dtype(bound, dtype), dtype)
+            if np.isfinite(b):
+                up = np.nextafter(b, np.asarray(np.inf, dtype))
+                down = np.nextafter(b, np.asarray(-np.inf, dtype))
+                pool += [float(b), float(up), float(down)]
+        typical = max(abs(high), abs(low), 1e-30)
+        pool += list(rng.standard_normal(8) * min(typical, finite_max / 4))
+        pool += [0.0, finite_max / 16, -finite_max / 16]
+        values = rng.choice(np.asarray(pool, np.float64), size=shape)
+        leaf = jnp.asarray(values.astype(np.float32)).astype(dtype)
+        # XLA:CPU reads float32/bfloat16 subnormals as 0 (the clamp too), so give them as 0.
+        tiny = float(jnp.finfo(jnp.float32).tiny)
+        flushed = np.where(np.abs(to_f64(leaf)) < tiny, 0.0, to_f64(leaf))
+        leaves.append(jnp.asarray(flushed.astype(np.float32)).astype(dtype))
+    return leaves, low, high
+
+
+def _in_dtype(value, dtype):
+    """``value`` rounded to ``dtype`` as a float (a bound beyond fp16's range becomes inf)."""
+    with np.errstate(over="ignore"):
+        return float(np.asarray(value, np.float64).astype(dtype))
+
+
+def _check_value_clip(leaves, low, high, out, stats):
+    xs = [to_f64(x) for x in leaves]
+    outs = [to_f64(o) for o in out]
+    all_in = np.concatenate([x.ravel() for x in xs])
+    if ref_vector_norm(all_in, 2) > float(jnp.finfo(jnp.float32).max):
+        # The norm overflows float32: non-finite, so the default policy passes the input on.
+        assert float(stats.pre_clip_norm) == math.inf
+        assert all(np.array_equal(o, x) for o, x in zip(outs, xs, strict=True))
+        assert float(stats.clipped_fraction) == 0.0
+        return
+    for x, o, leaf in zip(xs, outs, leaves, strict=True):
+        lo, hi = _in_dtype(low, leaf.dtype), _in_dtype(high, leaf.dtype)
+        np.testing.assert_array_equal(o, np.clip(x, lo, hi))
+    moved = sum(int(np.sum(o != x)) for o, x in zip(outs, xs, strict=True))
+    total = sum(x.size for x in xs)
+    assert float(stats.clipped_fraction) == pytest.approx(moved / total, rel=1e-6)
+    all_out = np.concatenate([o.ravel() for o in outs])
+    post = ref_vector_norm(all_out, 2)
+    # A clipped norm beyond float32's range is reported as inf.
+    if post > float(jnp.finfo(jnp.float32).max):
+        assert float(stats.post_clip_norm) == math.inf
+    else:
+        assert float(stats.post_clip_norm) == _approx(post)
+    assert float(stats.pre_clip_norm) == _approx(ref_vector_norm(all_in, 2))
+
+
+@given(case=value_clip_cases())
+def test_value_clip_stats_are_exact_next_to_any_bounds(case):
+    leaves, low, high = case
+    symmetric = low == -high
+    tx = optaxclip.clip_by_value(high) if symmetric else optaxclip.clip_by_value(high, low)
+    out, state = tx.update(leaves, tx.init(leaves))
+    _check_value_clip(leaves, low, high, out, state.stats)
+
+
+@given(case=value_clip_cases())
+def test_value_clip_stats_are_exact_with_scheduled_bounds_under_jit(case):
+    # A schedule makes the bounds traced values, which take the general (unscaled) paths.
+    leaves, low, high = case
+    if low == -high:
+        tx = optaxclip.clip_by_value(lambda count: high + 0.0 * count)
+    else:
+        tx = optaxclip.clip_by_value(
+            lambda count: high + 0.0 * count, lambda count: low + 0.0 * count
+        )
+    with jax.disable_jit(False):
+        out, state = jax.jit(tx.update)(leaves, tx.init(leaves))
+    _check_value_clip(leaves, low, high, out, state.stats)
+
+
 def test_value_clip_threshold_is_smallest_per_leaf_upper_bound():
     tree = {"body": jnp.array([-3.0, 0.5]), "head": jnp.array([4.0, -0.25, 0.0, 9.0])}
     tx = optaxclip.clip_by_value({"body": 1.0, "head": 5.0})
