@@ -558,11 +558,8 @@ def clip_by_value(
         # Without this, XLA copies every leaf first.
         ready = finite & (post_if_finite >= 0)
         out = [
-            kept
-            for (kept,) in (
-                select_leaves([x], [c], policy, ready & (n >= 0))
-                for x, c, n in zip(leaves, clamped, counts, strict=True)
-            )
+            select_leaves([x], [c], policy, ready & (n >= 0))[0]
+            for x, c, n in zip(leaves, clamped, counts, strict=True)
         ]
         n_clipped = sum_across_devices(counts, leaf_axes)
         total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
