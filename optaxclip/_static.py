@@ -33,7 +33,6 @@ from optaxclip._validation import (
     check_float_leaves,
     check_name,
     check_nonfinite,
-    is_concrete_number,
     normalize_ord,
     path_str,
 )
@@ -387,46 +386,58 @@ def _variants(leaves: Sequence[jax.Array]) -> list[int]:
     return out
 
 
-def _difference_scale(bound: jax.Array, variant: int, acc: Any) -> jax.Array:
+def _difference_scale(bound: jax.Array, known: float | None, variant: int, acc: Any) -> jax.Array:
     """The scale for ``x * s - bound * s``: 2^-(17 + variant), or 2^(64 - variant) near 0.
 
     With ``|bound| >= 2^-60``, a nonzero difference stays above 2^-115, a normal number, and an
     entry so small that ``x * s`` underflows lies on the same side of the bound as 0 does.
     With a smaller bound (0 included), scaling up keeps every nonzero entry and difference
-    normal; an entry that overflows to +-inf still lies on the correct side.
+    normal; an entry that overflows to +-inf still lies on the correct side. ``known`` is the
+    bound as a Python number where the spec gives one (either scale is exact for a bound that
+    rounding to the leaf's dtype moves across 2^-60, which is representable).
     """
     usual, near_zero = 2.0 ** -(17 + variant), 2.0 ** (64 - variant)
-    if is_concrete_number(bound):
-        return jnp.asarray(near_zero if abs(float(bound)) < _TINY_BOUND else usual, acc)
+    if known is not None:
+        return jnp.asarray(near_zero if abs(known) < _TINY_BOUND else usual, acc)
     return jnp.where(jnp.abs(bound) < _TINY_BOUND, near_zero, usual).astype(acc)
 
 
-def _count_outside(x: jax.Array, lo: jax.Array, hi: jax.Array, variant: int) -> jax.Array:
+def _count_outside(
+    x: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    known: tuple[float | None, float | None],
+    variant: int,
+) -> jax.Array:
     """The number of entries of ``x`` below ``lo`` or above ``hi``, as a float32 scalar.
 
     The bounds come in the leaf's dtype, rounded as the clamp uses them. With
     ``gap = max(x - hi, lo - x)`` (each side scaled, see _difference_scale), an entry is outside
     exactly when ``gap > 0``, and ``sign(gap) + |sign(gap)|`` is 2 there and 0 elsewhere. An
     entry that overflows to +-inf when scaled still lies on the correct side. A NaN entry makes
-    the count NaN.
+    the count NaN. ``known`` holds (lo, hi) as Python numbers where the spec gives them.
     """
     acc = accumulation_dtype(x.dtype)
     values = x.astype(acc)
-    up, down = _difference_scale(hi, variant, acc), _difference_scale(lo, variant, acc)
+    up = _difference_scale(hi, known[1], variant, acc)
+    down = _difference_scale(lo, known[0], variant, acc)
     gap = jnp.maximum(values * up - hi.astype(acc) * up, lo.astype(acc) * down - values * down)
     side = jnp.sign(gap)
     return jnp.sum(side + jnp.abs(side), dtype=jnp.float32) / 2
 
 
-def _capped_magnitude(x: jax.Array, cap: jax.Array, variant: int) -> jax.Array:
+def _capped_magnitude(x: jax.Array, cap: jax.Array, known: float | None, variant: int) -> jax.Array:
     """``min(|x|, cap)``, the magnitude of ``jnp.clip(x, -cap, cap)``, in float32 (or float64).
 
-    Computed as ``min(|x| * t, cap * t) / t`` with ``t = 2^(1 + variant)``, which is exact
-    (unless ``cap * t`` would overflow; then ``t = 1``).
+    Computed as ``min(|x| * t, cap * t) / t`` with ``t = 2^(1 + variant)``, which is exact.
+    ``t = 1`` where ``cap`` is not known as a Python number (``known``) or ``cap * t`` could
+    overflow (with a factor 2 to spare for the rounding of ``cap`` to the leaf's dtype).
     """
     acc = accumulation_dtype(x.dtype)
     scale = 2.0 ** (1 + variant)
-    if not is_concrete_number(cap) or float(cap) * scale > float(jnp.finfo(acc).max) > float(cap):
+    if known is None or (
+        math.isfinite(known) and 2 * abs(known) * scale > float(jnp.finfo(acc).max)
+    ):
         scale = 1.0
     return jnp.minimum(jnp.abs(x.astype(acc)) * scale, cap.astype(acc) * scale) * (1 / scale)
 
@@ -533,14 +544,24 @@ def clip_by_value(
         count = state.stats.count
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
+        known_highs = upper.known_per_leaf(updates)
+        known_lows = (
+            [None if h is None else -h for h in known_highs]
+            if lower is None
+            else lower.known_per_leaf(updates)
+        )
         clamped, counts, clamps = [], [], []
-        for x, lo, hi, variant in zip(leaves, lows, highs, _variants(leaves), strict=True):
+        for x, lo, hi, known_lo, known_hi, variant in zip(
+            leaves, lows, highs, known_lows, known_highs, _variants(leaves), strict=True
+        ):
             real = jnp.finfo(x.dtype).dtype
             lo_x, hi_x = lo.astype(real), hi.astype(real)
             clamped.append(jnp.clip(x, lo_x, hi_x))
-            counts.append(_count_outside(x, lo_x, hi_x, variant))
+            counts.append(_count_outside(x, lo_x, hi_x, (known_lo, known_hi), variant))
             if symmetric:
-                clamps.append(functools.partial(_capped_magnitude, cap=hi_x, variant=variant))
+                clamps.append(
+                    functools.partial(_capped_magnitude, cap=hi_x, known=known_hi, variant=variant)
+                )
             else:
                 # XLA:CPU writes these clamped leaves out before it reduces them.
                 clamps.append(functools.partial(jnp.clip, min=lo_x, max=hi_x))

@@ -119,6 +119,20 @@ class Threshold:
             return [value] * len(paths_leaves)
         return [jnp.asarray(v, jnp.float32) for v in self._leaf_numbers(tree)]
 
+    def known_per_leaf(self, tree: Any) -> list[float | None]:
+        """Each leaf's threshold as a Python float where the spec gives it as a plain number.
+
+        ``None`` for a schedule and for array values: read from the spec itself, so it costs
+        no device round-trip. For decisions made while tracing (the values still come from
+        ``per_leaf_values``).
+        """
+        if self.kind == "schedule":
+            return [None] * len(jax.tree_util.tree_leaves(tree))
+        return [
+            float(v) if isinstance(v, (int, float, np.number)) else None
+            for v in self._leaf_numbers(tree)
+        ]
+
     def _leaf_numbers(self, tree: Any) -> list[Any]:
         """The per-leaf values of a pytree or function spec, as given (checked numbers)."""
         if self.kind != "function":
