@@ -11,7 +11,7 @@ import optax
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
-from optaxclip._numerics import combine_norms, norms_per_leaf
+from optaxclip._numerics import combine_norms, norms_per_leaf, shrink_factors
 from optaxclip._static import check_params, flatten_updates, global_scale
 from optaxclip._stats import ClipStats, initial_stats, make_stats
 from optaxclip._validation import (
@@ -181,9 +181,8 @@ def adagc(
 
         # Warm-up: one global scale; gamma_i tracks the smallest nonzero clipped leaf norm.
         cap = jnp.asarray(warmup_max_norm, f32)
-        warm_scale, warm_clipped = global_scale(total, cap)
-        warm_scale = warm_scale.astype(f32)
-        after = n * warm_scale
+        warm_coarse, warm_fine, warm_clipped = global_scale(total, cap)
+        after = (n * warm_coarse.astype(f32)) * warm_fine.astype(f32)
         warm_gamma = jnp.where(
             after > 0, jnp.where(gamma > 0, jnp.minimum(gamma, after), after), gamma
         )
@@ -192,20 +191,25 @@ def adagc(
         reference = jnp.where(gamma > 0, gamma, n)
         limits = jnp.asarray(relative_factor, f32) * reference
         over = n > limits
-        leaf_scale = jnp.where(
-            over, limits / jnp.where(over, n + jnp.asarray(eps, f32), 1), 1
-        ).astype(f32)
+        leaf_coarse, leaf_fine = shrink_factors(limits, n + jnp.asarray(eps, f32), over)
         b = jnp.asarray(beta, f32)
         ema_gamma = b * reference + (1 - b) * jnp.where(over, limits, n)
 
-        scales = jnp.where(in_warmup, warm_scale, leaf_scale)
+        coarse = jnp.where(in_warmup, warm_coarse.astype(f32), leaf_coarse)
+        fine = jnp.where(in_warmup, warm_fine.astype(f32), leaf_fine)
         new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
 
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        out = scale_leaves(leaves, [scales[i] for i in range(len(leaves))], policy, finite)
+        out = scale_leaves(
+            leaves,
+            [fine[i] for i in range(len(leaves))],
+            policy,
+            finite,
+            [coarse[i] for i in range(len(leaves))],
+        )
         post = jnp.where(
             finite,
-            combine_norms(norms * scales.astype(norms.dtype), 2.0),
+            combine_norms((norms * coarse.astype(norms.dtype)) * fine.astype(norms.dtype), 2.0),
             0 if policy == "zero" else total,
         )
         fraction = jnp.where(in_warmup, warm_clipped.astype(f32), jnp.mean(over.astype(f32)))

@@ -25,11 +25,16 @@ from optaxclip._layout import (
 )
 from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
 from optaxclip._numerics import (
+    _MAX_JOINED,
     _TINY_SUM_OF_SQUARES,
+    _can_join,
     accumulation_dtype,
+    group_by_axes,
     norm_of_leaves,
     rescale_divisor,
     safe_root,
+    shrink_factors,
+    stack_scalars,
     sum_across_devices,
 )
 from optaxclip._static import check_params, flatten_updates
@@ -307,21 +312,35 @@ def unit_norms(
             suspect = lax.pmax(suspect.astype(jnp.int32), agree) > 0
         suspects.append(suspect)
     return lax.cond(
-        jnp.any(jnp.stack(suspects)), rescaled, lambda: [safe_root(t, 2.0) for t in direct]
+        jnp.any(stack_scalars(suspects)), rescaled, lambda: [safe_root(t, 2.0) for t in direct]
     )
 
 
-def _norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
-    """The L2 norm of several arrays of nonnegative unit norms taken together.
+def _unit_parts(
+    columns: Sequence[Sequence[jax.Array]], across_units: Sequence[tuple[str, ...]]
+) -> list[tuple[list[jax.Array], tuple[str, ...]]]:
+    """Per-leaf arrays of unit values, raveled and joined leaf after leaf for the stats.
 
-    Divided by the largest entry first, so it cannot overflow; reduced leaf by leaf and then
-    across leaves, since under ``jit`` the arrays of different leaves may be sharded
-    differently and cannot be concatenated.
+    ``columns`` are aligned lists (one entry per leaf each), joined alike: part k holds the
+    same units in every column. Leaves are joined within one group of ``across_units`` axes
+    (at most ``_MAX_JOINED`` per part); explicitly sharded arrays stay on their own. The
+    barrier keeps each joined vector one buffer: XLA would otherwise split a reduction of it
+    back into one per leaf.
     """
-    largest = lax.stop_gradient(jnp.max(jnp.stack([jnp.max(n, initial=0) for n in norms])))
-    divisor = rescale_divisor(largest)
-    total = jnp.sum(jnp.stack([jnp.sum(jnp.square(n / divisor)) for n in norms]))
-    return divisor * safe_root(total, 2.0)
+    parts: list[tuple[list[jax.Array], tuple[str, ...]]] = []
+    for axes, idx in group_by_axes(across_units).items():
+        joinable = [i for i in idx if all(_can_join(column[i]) for column in columns)]
+        parts += [([column[i] for column in columns], axes) for i in idx if i not in joinable]
+        for start in range(0, len(joinable), _MAX_JOINED):
+            chunk = joinable[start : start + _MAX_JOINED]
+            # One barrier per column: a shared one would give every output the union of
+            # their device-variance types inside shard_map.
+            joined = [
+                lax.optimization_barrier(jnp.concatenate([column[i].ravel() for i in chunk]))
+                for column in columns
+            ]
+            parts.append((joined, axes))
+    return parts
 
 
 def _split_axes(
@@ -502,7 +521,7 @@ def adaptive_grad_clip(
             [leaves[i] for i in active], active_axes, summed, [leaf_axes[i] for i in active]
         )
         weight_norms = unit_norms([weights[i] for i in active], active_axes, summed, None)
-        unit_limits, scales = [], []
+        unit_limits, coarse, fine = [], [], []
         for j, i in enumerate(active):
             g_norm = grad_norms[j]
             w_norm = weight_norms[j].astype(g_norm.dtype)
@@ -511,40 +530,44 @@ def adaptive_grad_clip(
             )
             over = g_norm > limit
             unit_limits.append(limit)
-            scales.append(jnp.where(over, limit / jnp.where(over, g_norm, 1), 1))
+            first, second = shrink_factors(limit, g_norm, over)
+            coarse.append(first)
+            fine.append(second)
 
+        # The stats read every unit once, from a few joined vectors: reductions per leaf would
+        # add a dozen kernels per leaf to the program.
+        parts = _unit_parts([grad_norms, unit_limits], across_units)
+        part_axes = [mapped for _, mapped in parts]
+        unit_norms_of = [g_norm for (g_norm, _), _ in parts]
+        part_factors = [shrink_factors(lim, g, g > lim) for (g, lim), _ in parts]
+        clipped_norms_of = [
+            (g * first) * second
+            for g, (first, second) in zip(unit_norms_of, part_factors, strict=True)
+        ]
+        bad = [jnp.sum(~jnp.isfinite(g)) for g in unit_norms_of]
+        n_clipped = [jnp.sum(first * second < 1) for first, second in part_factors]
+        n_units = [jnp.asarray(g.size) for g in unit_norms_of]
+        least_limits = [
+            lax.pmin(least, mapped) if mapped else least
+            for least, mapped in (
+                (jnp.min(lim, initial=jnp.inf), mapped) for (_, lim), mapped in parts
+            )
+        ]
         # Devices along a unit dimension hold different units: the stats add across them.
-        bad_units = sum_across_devices(
-            [jnp.sum(~jnp.isfinite(n)) for n in grad_norms], across_units
-        )
-        finite = bad_units == 0
+        finite = sum_across_devices(bad, part_axes) == 0
         active_leaves = [leaves[i] for i in active]
         raise_if_nonfinite(policy, finite, [paths[i] for i in active], active_leaves, label)
-        clipped = scale_leaves(active_leaves, scales, policy, finite)
+        clipped = scale_leaves(active_leaves, fine, policy, finite, coarse)
         out = list(leaves)
         for i, leaf in zip(active, clipped, strict=True):
             out[i] = leaf
 
-        clipped_norms = [n * s for n, s in zip(grad_norms, scales, strict=True)]
-        if any(across_units):
-            pre = norm_of_leaves([n.ravel() for n in grad_norms], 2.0, across_units)
-            post_if_finite = norm_of_leaves([n.ravel() for n in clipped_norms], 2.0, across_units)
-        else:  # every device holds all units: local reductions suffice
-            pre = _norm_of_norms(grad_norms)
-            post_if_finite = _norm_of_norms(clipped_norms)
+        pre = norm_of_leaves(unit_norms_of, 2.0, part_axes)
+        post_if_finite = norm_of_leaves(clipped_norms_of, 2.0, part_axes)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
-        n_clipped = sum_across_devices([jnp.sum(s < 1) for s in scales], across_units)
-        n_units = sum_across_devices([jnp.asarray(s.size) for s in scales], across_units)
-        fraction = jnp.where(finite, n_clipped / n_units, 1.0 if policy == "zero" else 0.0)
-        smallest_per_leaf = [jnp.min(lim, initial=jnp.inf) for lim in unit_limits]
-        smallest = jnp.min(
-            jnp.stack(
-                [
-                    lax.pmin(m, kept) if kept else m
-                    for m, kept in zip(smallest_per_leaf, across_units, strict=True)
-                ]
-            )
-        )
+        fraction = sum_across_devices(n_clipped, part_axes) / sum_across_devices(n_units, part_axes)
+        fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
+        smallest = jnp.min(stack_scalars(least_limits))
         stats = make_stats(
             label,
             count=count + 1,

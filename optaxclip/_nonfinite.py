@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from optaxclip._numerics import stack_scalars
 from optaxclip._validation import path_str
 
 
@@ -52,7 +53,7 @@ def raise_if_nonfinite(
         )
 
     def flags() -> jax.Array:
-        return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
+        return stack_scalars([jnp.all(jnp.isfinite(x)) for x in leaves])
 
     if not isinstance(finite, jax.core.Tracer):
         # Outside jit the check can run here, so the FloatingPointError reaches the caller
@@ -65,26 +66,37 @@ def raise_if_nonfinite(
 
 
 def scale_leaves(
-    leaves: Sequence[jax.Array], scales: Sequence[jax.Array], policy: str, finite: jax.Array
+    leaves: Sequence[jax.Array],
+    scales: Sequence[jax.Array],
+    policy: str,
+    finite: jax.Array,
+    coarse: Sequence[jax.Array] | None = None,
 ) -> list[jax.Array]:
     """Multiplies each leaf by its scale, applying the non-finite policy.
 
     Each output keeps its input dtype. fp16/bf16 leaves are multiplied in float32 and rounded
-    once. A scale of exactly 1 returns the leaf bit for bit.
+    once. A scale of exactly 1 returns the leaf bit for bit. With ``coarse`` (see
+    ``_numerics.shrink_factors``), leaf i is multiplied by ``coarse[i]`` first, then by
+    ``scales[i]``.
     """
+    factors = list(coarse) if coarse is not None else [None] * len(leaves)
     if policy == "zero":
         return [
-            jnp.where(finite, multiply(leaf, scale), jnp.zeros_like(leaf))
-            for leaf, scale in zip(leaves, scales, strict=True)
+            jnp.where(finite, multiply(leaf, scale, first), jnp.zeros_like(leaf))
+            for leaf, scale, first in zip(leaves, scales, factors, strict=True)
         ]
     # One select per distinct scale (a global clip passes the same scale for every leaf).
     kept: dict[int, jax.Array] = {}
-    out = []
-    for leaf, scale in zip(leaves, scales, strict=True):
-        if id(scale) not in kept:
-            kept[id(scale)] = jnp.where(finite, scale, 1)
-        out.append(multiply(leaf, kept[id(scale)]))
-    return out
+
+    def unless_nonfinite(value: jax.Array) -> jax.Array:
+        if id(value) not in kept:
+            kept[id(value)] = jnp.where(finite, value, 1)
+        return kept[id(value)]
+
+    return [
+        multiply(leaf, unless_nonfinite(scale), None if first is None else unless_nonfinite(first))
+        for leaf, scale, first in zip(leaves, scales, factors, strict=True)
+    ]
 
 
 def select_leaves(
@@ -96,9 +108,17 @@ def select_leaves(
     return [jnp.where(finite, t, x) for x, t in zip(leaves, transformed, strict=True)]
 
 
-def multiply(leaf: jax.Array, scale: jax.Array) -> jax.Array:
-    """``leaf * scale`` in the leaf's dtype (low precision goes through float32)."""
+def multiply(leaf: jax.Array, scale: jax.Array, coarse: jax.Array | None = None) -> jax.Array:
+    """``leaf * scale`` (``(leaf * coarse) * scale`` with ``coarse``) in the leaf's dtype.
+
+    Low precision goes through float32.
+    """
     if leaf.dtype in (jnp.float16, jnp.bfloat16):
-        return (leaf.astype(jnp.float32) * scale.astype(jnp.float32)).astype(leaf.dtype)
+        wide = leaf.astype(jnp.float32)
+        if coarse is not None:
+            wide = wide * coarse.astype(jnp.float32)
+        return (wide * scale.astype(jnp.float32)).astype(leaf.dtype)
     real = jnp.finfo(leaf.dtype).dtype
+    if coarse is not None:
+        leaf = leaf * coarse.astype(real)
     return leaf * scale.astype(real)

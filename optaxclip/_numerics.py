@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes
 from optaxclip._validation import check_float_leaves, normalize_ord
@@ -79,6 +80,44 @@ def rescale_divisor(largest: jax.Array) -> jax.Array:
     """
     cap = 2.0 ** (jnp.finfo(largest.dtype).maxexp - 2)
     return jnp.where((largest > 0) & jnp.isfinite(largest), jnp.minimum(largest, cap), 1)
+
+
+def stack_scalars(values: Sequence[ArrayLike]) -> jax.Array:
+    """One vector of per-leaf scalars, kept as a single buffer.
+
+    XLA rewrites a reduction of stacked scalars into a chain of scalar operations, and then
+    fuses that chain into every consumer of the result: a flag or a sum over n leaves that
+    reaches each leaf's kernel made the program O(n^2) (AGC took 93 s to compile at 250 leaves
+    and did not finish at 2000). Behind the barrier the stack is built once and reduced as a
+    vector.
+    """
+    return lax.optimization_barrier(jnp.stack([jnp.asarray(v) for v in values]))
+
+
+# Below this, a clip ratio is carried as two factors (see shrink_factors).
+_SPLIT_RATIO = 2.0**-100
+
+
+def shrink_factors(
+    limit: jax.Array, norm: jax.Array, over: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``limit / norm`` where ``over`` (else 1), as factors ``(coarse, fine)`` of that ratio.
+
+    XLA:CPU flushes subnormal results to zero, so a ratio below 2^-126 (a norm more than 2^126
+    times its limit) would come out as 0 and zero the gradient, whose clipped entries are in
+    fact as large as the limit. Ratios below 2^-100 are therefore returned as ``2^-100`` times
+    a normal number; otherwise ``coarse`` is 1 and ``fine`` is the ratio itself, so that
+    ``(x * coarse) * fine`` is bit for bit ``x * ratio``. Double-where form: the derivative is
+    finite everywhere.
+    """
+    limit = jnp.asarray(limit).astype(norm.dtype)
+    safe_norm = jnp.where(over, norm, 1)
+    direct = jnp.where(over, limit / safe_norm, 1)
+    tiny = over & (direct < _SPLIT_RATIO)
+    lifted = jnp.where(tiny, limit, 0) * (1 / _SPLIT_RATIO) / safe_norm
+    fine = jnp.where(tiny, lifted, direct)
+    coarse = jnp.where(tiny, jnp.asarray(_SPLIT_RATIO, norm.dtype), jnp.asarray(1, norm.dtype))
+    return coarse, fine
 
 
 def _magnitude(x: jax.Array, acc: jnp.dtype) -> jax.Array:
@@ -433,7 +472,7 @@ def sum_across_devices(
         return jnp.zeros((), jnp.float32)
     return sum(
         (
-            _psum(jnp.sum(jnp.stack([jnp.asarray(values[i], jnp.float32) for i in idx])), axes)
+            _psum(jnp.sum(stack_scalars([jnp.asarray(values[i], jnp.float32) for i in idx])), axes)
             for axes, idx in group_by_axes(leaf_axes).items()
         ),
         start=jnp.zeros((), jnp.float32),

@@ -25,6 +25,8 @@ from optaxclip._numerics import (
     group_by_axes,
     norm_of_leaves,
     norms_per_leaf,
+    shrink_factors,
+    stack_scalars,
     sum_across_devices,
 )
 from optaxclip._stats import ClipStats, initial_stats, make_stats
@@ -66,11 +68,15 @@ def _check_real_leaves(paths_and_leaves: Any, name: str, label: str) -> None:
             )
 
 
-def global_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``min(1, threshold / norm)`` in the double-where form, and whether it clipped."""
-    threshold = threshold.astype(norm.dtype)
-    over = norm > threshold
-    return jnp.where(over, threshold / jnp.where(over, norm, 1), 1), over
+def global_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``min(1, threshold / norm)`` as factors ``(coarse, fine)``, and whether it clipped.
+
+    The factors are those of ``_numerics.shrink_factors`` (their product is the scale; kept
+    apart, a ratio below 2^-126 is not flushed to 0).
+    """
+    over = norm > threshold.astype(norm.dtype)
+    coarse, fine = shrink_factors(threshold, norm, over)
+    return coarse, fine, over
 
 
 def clip_to_global_norm(
@@ -89,11 +95,13 @@ def clip_to_global_norm(
     and the ClipStats (``count`` is the value to store, i.e. including this step).
     """
     finite = jnp.isfinite(norm)
-    scale, _ = global_scale(norm, limit)
+    coarse, fine, _ = global_scale(norm, limit)
     raise_if_nonfinite(policy, finite, paths, leaves, label)
-    out = scale_leaves(leaves, [scale] * len(leaves), policy, finite)
+    n = len(leaves)
+    out = scale_leaves(leaves, [fine] * n, policy, finite, [coarse] * n)
+    scale = coarse * fine
     applied = jnp.where(finite, scale, 0 if policy == "zero" else 1)
-    post = jnp.where(finite, norm * scale, 0 if policy == "zero" else norm)
+    post = jnp.where(finite, (norm * coarse) * fine, 0 if policy == "zero" else norm)
     stats = make_stats(
         label,
         count=count,
@@ -231,13 +239,16 @@ def _per_leaf_norm_clipper(
         over = norms > norm_limits
         # A threshold of 0 zeroes a leaf even when its norm rounds to 0 (entries below ~1e-19,
         # see _numerics._needs_rescue); the stats still count it as unclipped, like a zero leaf.
-        shrink = over | (norm_limits == 0)
-        scales = jnp.where(shrink, norm_limits / jnp.where(over, norms, 1), 1)
+        coarse, fine = shrink_factors(norm_limits, norms, over)
+        fine = jnp.where(norm_limits == 0, 0, fine)
         finite = jnp.all(jnp.isfinite(norms))
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        out = scale_leaves(leaves, [scales[i] for i in range(len(leaves))], policy, finite)
+        n = len(leaves)
+        out = scale_leaves(
+            leaves, [fine[i] for i in range(n)], policy, finite, [coarse[i] for i in range(n)]
+        )
         pre = combine_norms(norms, p)
-        post_if_finite = combine_norms(norms * scales, p)
+        post_if_finite = combine_norms((norms * coarse) * fine, p)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
         clipped = jnp.where(
             finite, jnp.mean(over.astype(jnp.float32)), 1.0 if policy == "zero" else 0.0
@@ -587,7 +598,7 @@ def clip_by_value(
         fraction = n_clipped / jnp.maximum(total, 1)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
         fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
-        limit = jnp.min(jnp.stack(highs)) if highs else jnp.asarray(jnp.inf)
+        limit = jnp.min(stack_scalars(highs)) if highs else jnp.asarray(jnp.inf)
         stats = make_stats(
             label,
             count=count + 1,

@@ -356,6 +356,21 @@ def test_huge_float32_units_are_clipped_exactly_not_zeroed():
     np.testing.assert_allclose(state.stats.pre_clip_norm, 2e30, rtol=1e-6)
 
 
+@pytest.mark.parametrize("under_jit", [False, True])
+def test_units_past_2_to_126_times_their_limit_are_clipped_not_zeroed(under_jit):
+    # limit / norm = 2e-40 is subnormal: XLA:CPU flushed it to 0 and zeroed the unit.
+    params = {"w": jnp.ones((4, 2))}
+    grads = {"w": jnp.array([[1e38, 1e-3], [-1e38, 1e-3], [1e30, 0.0], [0.0, 0.0]], jnp.float32)}
+    tx = optaxclip.adaptive_grad_clip(0.01)
+    update = jax.jit(tx.update) if under_jit else tx.update
+    out, state = update(grads, tx.init(params), params)
+    column = np.float64(np.asarray(grads["w"])[:, 0])
+    expected = column * (0.01 * 2.0 / np.linalg.norm(column))
+    np.testing.assert_allclose(np.asarray(out["w"])[:, 0], expected, rtol=1e-6, atol=1.2e-38)
+    np.testing.assert_array_equal(out["w"][:, 1], grads["w"][:, 1])
+    np.testing.assert_allclose(state.stats.post_clip_norm, math.hypot(0.02, math.sqrt(2) * 1e-3), rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 def test_low_precision_leaves_keep_their_dtype_and_match_the_reference(dtype):
     rng = np.random.default_rng(6)

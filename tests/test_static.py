@@ -421,6 +421,37 @@ def test_float32_1e20_leaves_are_scaled_where_optax_zeroes_them():
     assert_leaves_match(ours, expected, tree)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("under_jit", [False, True])
+@pytest.mark.parametrize("limit", [1.0, 1e-3, 1e-18])
+@pytest.mark.parametrize("kind", ["global", "leaf", "rms"])
+def test_norms_past_2_to_126_times_the_threshold_are_clipped_not_zeroed(
+    kind, limit, under_jit, dtype
+):
+    # limit / norm is below float32's smallest normal number here; XLA:CPU flushes such a
+    # ratio to 0, which used to zero the whole gradient instead of scaling it to the limit.
+    tree = {
+        "a": jnp.array([3e38, -1.0, 1e30, 2e20], dtype),
+        "b": jnp.array([[-1e38, 5e37]], dtype),
+    }
+    tx = {
+        "global": optaxclip.clip_by_global_norm(limit),
+        "leaf": optaxclip.clip_by_leaf_norm(limit),
+        "rms": optaxclip.clip_by_block_rms(limit),
+    }[kind]
+    update = jax.jit(tx.update) if under_jit else tx.update
+    ours, state = update(tree, tx.init(tree))
+    expected = {
+        "global": lambda: ref_clip_global(tree, limit, 2.0)[0],
+        "leaf": lambda: ref_clip_leaf(tree, [limit, limit], 2.0),
+        "rms": lambda: ref_clip_rms(tree, limit),
+    }[kind]()
+    assert_leaves_match(ours, expected, tree)
+    assert max(np.max(np.abs(to_f64(x))) for x in _leaves(ours)) > 0
+    reference_post = math.sqrt(sum(float(np.sum(e**2)) for e in expected))
+    assert float(state.stats.post_clip_norm) == pytest.approx(reference_post, rel=1e-2)
+
+
 def test_max_norm_zero_on_zero_gradient_gives_zeros_where_optax_gives_nan():
     tree = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2), jnp.float16)}
     theirs, _ = _apply(optax.clip_by_global_norm(0.0), tree)
