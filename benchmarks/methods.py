@@ -72,8 +72,9 @@ def clip_by_global_norm_without_stats(max_norm: float) -> optax.GradientTransfor
         del params
         leaves, treedef = jax.tree.flatten(updates)
         norm = norm_of_leaves(leaves, 2.0, [()] * len(leaves))
-        scale, _ = global_scale(norm, jnp.asarray(max_norm, jnp.float32))
-        out = scale_leaves(leaves, [scale] * len(leaves), "propagate", jnp.isfinite(norm))
+        coarse, fine, _ = global_scale(norm, jnp.asarray(max_norm, jnp.float32))
+        n = len(leaves)
+        out = scale_leaves(leaves, [fine] * n, "propagate", jnp.isfinite(norm), [coarse] * n)
         return jax.tree.unflatten(treedef, out), state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -101,7 +101,7 @@ def bandwidth_table(records: list[dict[str, Any]]) -> str:
 def _index(records: list[dict[str, Any]], section: str) -> dict[tuple, dict[str, Any]]:
     idx = {}
     for r in records:
-        if r["section"] == section:
+        if r["section"] == section and "mode" in r:  # failed cases carry no mode
             idx[(r["tree"], r.get("method"), r["mode"])] = r
     return idx
 

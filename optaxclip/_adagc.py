@@ -11,7 +11,7 @@ import optax
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
-from optaxclip._numerics import combine_norms, norms_per_leaf, shrink_factors
+from optaxclip._numerics import combine_norms, leaf_entries, norms_per_leaf, shrink_factors
 from optaxclip._static import check_params, flatten_updates, global_scale
 from optaxclip._stats import ClipStats, initial_stats, make_stats
 from optaxclip._validation import (
@@ -200,13 +200,8 @@ def adagc(
         new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
 
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        out = scale_leaves(
-            leaves,
-            [fine[i] for i in range(len(leaves))],
-            policy,
-            finite,
-            [coarse[i] for i in range(len(leaves))],
-        )
+        fine_of, coarse_of = leaf_entries([fine, coarse])
+        out = scale_leaves(leaves, fine_of, policy, finite, coarse_of)
         post = jnp.where(
             finite,
             combine_norms((norms * coarse.astype(norms.dtype)) * fine.astype(norms.dtype), 2.0),

@@ -23,6 +23,7 @@ from optaxclip._numerics import (
     accumulation_dtype,
     combine_norms,
     group_by_axes,
+    leaf_entries,
     norm_of_leaves,
     norms_per_leaf,
     shrink_factors,
@@ -243,10 +244,8 @@ def _per_leaf_norm_clipper(
         fine = jnp.where(norm_limits == 0, 0, fine)
         finite = jnp.all(jnp.isfinite(norms))
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        n = len(leaves)
-        out = scale_leaves(
-            leaves, [fine[i] for i in range(n)], policy, finite, [coarse[i] for i in range(n)]
-        )
+        fine_of, coarse_of = leaf_entries([fine, coarse])
+        out = scale_leaves(leaves, fine_of, policy, finite, coarse_of)
         pre = combine_norms(norms, p)
         post_if_finite = combine_norms((norms * coarse) * fine, p)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)

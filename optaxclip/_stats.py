@@ -25,7 +25,10 @@ class ClipStats(NamedTuple):
       threshold: the threshold in effect this step. For per-leaf and per-unit clippers it is
         the smallest per-leaf threshold, which is the threshold itself when it is uniform.
       scale: ``post_clip_norm / pre_clip_norm`` (1 when nothing was clipped or the norm is 0);
-        for global clippers this is exactly the factor every leaf was multiplied by.
+        for global clippers this is exactly the factor every leaf was multiplied by. A factor
+        below float32's smallest normal number (a norm more than 2^126 times the threshold)
+        reads 0 here, as XLA on CPU flushes it; the leaves themselves are then multiplied in
+        two steps, so they still come out at the threshold.
       clipped_fraction: the fraction of what the clipper decides on that was clipped: 0 or 1
         for global clippers, the fraction of leaves (per-leaf), units (per-unit) or
         elements (value clipping).
