@@ -29,9 +29,9 @@ from optaxclip._numerics import (
     _TINY_SUM_OF_SQUARES,
     _can_join,
     accumulation_dtype,
-    group_by_axes,
     norm_of_leaves,
     rescale_divisor,
+    runtime_positions,
     safe_root,
     shrink_factors,
     stack_scalars,
@@ -316,31 +316,64 @@ def unit_norms(
     )
 
 
+class _Part(NamedTuple):
+    """Unit values of several leaves, joined: ``columns[k]`` is column k's vector."""
+
+    columns: list[jax.Array]
+    axes: tuple[str, ...]
+    members: list[tuple[int, int]]  # (leaf index, offset of its units in the vectors)
+
+
 def _unit_parts(
-    columns: Sequence[Sequence[jax.Array]], across_units: Sequence[tuple[str, ...]]
-) -> list[tuple[list[jax.Array], tuple[str, ...]]]:
-    """Per-leaf arrays of unit values, raveled and joined leaf after leaf for the stats.
+    columns: Sequence[Sequence[jax.Array]],
+    across_units: Sequence[tuple[str, ...]],
+) -> list[_Part]:
+    """Per-leaf arrays of unit values, raveled and joined leaf after leaf.
 
     ``columns`` are aligned lists (one entry per leaf each), joined alike: part k holds the
     same units in every column. Leaves are joined within one group of ``across_units`` axes
-    (at most ``_MAX_JOINED`` per part); explicitly sharded arrays stay on their own. The
-    barrier keeps each joined vector one buffer: XLA would otherwise split a reduction of it
-    back into one per leaf.
+    and dtype (at most ``_MAX_JOINED`` per part); explicitly sharded arrays stay on their own.
+    The barrier keeps each joined vector one buffer: XLA would otherwise split a reduction of
+    it back into one per leaf.
     """
-    parts: list[tuple[list[jax.Array], tuple[str, ...]]] = []
-    for axes, idx in group_by_axes(across_units).items():
+    parts: list[_Part] = []
+    groups: dict[Any, list[int]] = {}
+    for i, axes in enumerate(across_units):
+        groups.setdefault((axes, columns[0][i].dtype), []).append(i)
+    for (axes, _), idx in groups.items():
         joinable = [i for i in idx if all(_can_join(column[i]) for column in columns)]
-        parts += [([column[i] for column in columns], axes) for i in idx if i not in joinable]
+        for i in idx:
+            if i not in joinable:
+                parts.append(_Part([column[i].ravel() for column in columns], axes, [(i, 0)]))
         for start in range(0, len(joinable), _MAX_JOINED):
             chunk = joinable[start : start + _MAX_JOINED]
+            offsets = np.cumsum([0] + [columns[0][i].size for i in chunk])[:-1]
             # One barrier per column: a shared one would give every output the union of
             # their device-variance types inside shard_map.
             joined = [
                 lax.optimization_barrier(jnp.concatenate([column[i].ravel() for i in chunk]))
                 for column in columns
             ]
-            parts.append((joined, axes))
+            parts.append(
+                _Part(joined, axes, [(i, int(o)) for i, o in zip(chunk, offsets, strict=True)])
+            )
     return parts
+
+
+def _per_leaf(parts: list[_Part], column: int, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
+    """Each leaf's slice of a joined column, in its own shape, taken at runtime positions."""
+    out: list[Any] = [None] * len(shapes)
+    for part in parts:
+        vector = part.columns[column]
+        if len(part.members) == 1:
+            ((i, _),) = part.members
+            out[i] = vector.reshape(shapes[i])
+            continue
+        starts = runtime_positions([o for _, o in part.members], vector[0])
+        for (i, _), start in zip(part.members, starts, strict=True):
+            size = int(np.prod(shapes[i], dtype=np.int64))
+            out[i] = lax.dynamic_slice_in_dim(vector, start, size).reshape(shapes[i])
+    return out
 
 
 def _split_axes(
@@ -521,38 +554,36 @@ def adaptive_grad_clip(
             [leaves[i] for i in active], active_axes, summed, [leaf_axes[i] for i in active]
         )
         weight_norms = unit_norms([weights[i] for i in active], active_axes, summed, None)
-        unit_limits, coarse, fine = [], [], []
-        for j, i in enumerate(active):
-            g_norm = grad_norms[j]
-            w_norm = weight_norms[j].astype(g_norm.dtype)
-            limit = limits[i].astype(g_norm.dtype) * jnp.maximum(
-                w_norm, jnp.asarray(eps, g_norm.dtype)
-            )
-            over = g_norm > limit
-            unit_limits.append(limit)
-            first, second = shrink_factors(limit, g_norm, over)
-            coarse.append(first)
-            fine.append(second)
-
-        # The stats read every unit once, from a few joined vectors: reductions per leaf would
-        # add a dozen kernels per leaf to the program.
-        parts = _unit_parts([grad_norms, unit_limits], across_units)
-        part_axes = [mapped for _, mapped in parts]
-        unit_norms_of = [g_norm for (g_norm, _), _ in parts]
-        part_factors = [shrink_factors(lim, g, g > lim) for (g, lim), _ in parts]
-        clipped_norms_of = [
-            (g * first) * second
-            for g, (first, second) in zip(unit_norms_of, part_factors, strict=True)
+        # Limits, scales and stats on the unit norms joined into a few vectors: computed per
+        # leaf, they added about a dozen kernels per leaf to the program.
+        thresholds = [
+            jnp.broadcast_to(limits[i].astype(g.dtype), g.shape)
+            for i, g in zip(active, grad_norms, strict=True)
         ]
-        bad = [jnp.sum(~jnp.isfinite(g)) for g in unit_norms_of]
-        n_clipped = [jnp.sum(first * second < 1) for first, second in part_factors]
-        n_units = [jnp.asarray(g.size) for g in unit_norms_of]
-        least_limits = [
-            lax.pmin(least, mapped) if mapped else least
-            for least, mapped in (
-                (jnp.min(lim, initial=jnp.inf), mapped) for (_, lim), mapped in parts
-            )
-        ]
+        weight_norms = [w.astype(g.dtype) for w, g in zip(weight_norms, grad_norms, strict=True)]
+        parts = _unit_parts([grad_norms, weight_norms, thresholds], across_units)
+        part_axes = [part.axes for part in parts]
+        unit_norms_of: list[jax.Array] = []
+        clipped_norms_of: list[jax.Array] = []
+        bad: list[jax.Array] = []
+        n_clipped: list[jax.Array] = []
+        n_units: list[jax.Array] = []
+        least_limits: list[jax.Array] = []
+        for part in parts:
+            g, w, c = part.columns
+            limit = c * jnp.maximum(w, jnp.asarray(eps, g.dtype))
+            first, second = shrink_factors(limit, g, g > limit)
+            part.columns.extend([first, second])
+            unit_norms_of.append(g)
+            clipped_norms_of.append((g * first) * second)
+            bad.append(jnp.sum(~jnp.isfinite(g)))
+            n_clipped.append(jnp.sum(first * second < 1))
+            n_units.append(jnp.asarray(g.size))
+            least = jnp.min(limit, initial=jnp.inf)
+            least_limits.append(lax.pmin(least, part.axes) if part.axes else least)
+        shapes = [g.shape for g in grad_norms]
+        coarse = _per_leaf(parts, 3, shapes)
+        fine = _per_leaf(parts, 4, shapes)
         # Devices along a unit dimension hold different units: the stats add across them.
         finite = sum_across_devices(bad, part_axes) == 0
         active_leaves = [leaves[i] for i in active]

@@ -94,24 +94,31 @@ def stack_scalars(values: Sequence[ArrayLike]) -> jax.Array:
     return lax.optimization_barrier(jnp.stack([jnp.asarray(v) for v in values]))
 
 
-def leaf_entries(vectors: Sequence[jax.Array]) -> list[list[jax.Array]]:
-    """``[[v[i] for i in range(n)] for v in vectors]``: one scalar per leaf from each vector.
+def runtime_positions(positions: Sequence[int], anchor: jax.Array) -> tuple[jax.Array, ...]:
+    """The integers ``positions`` as int32 scalars that XLA treats as runtime values.
 
-    Leaf i's kernel multiplies it by entry i. Taken with a constant offset, that slice is fused
-    into the kernel, so every leaf gets a kernel of its own, and XLA:CPU spends about 10 ms of
-    LLVM on each (35 s at 2000 leaves). Here the positions come out of a conditional, which
-    XLA does not see through: they are runtime values, every leaf of one shape runs the same
-    kernel, and the compile time drops to that of the reductions. Both branches return the
-    same positions, so the predicate (any runtime value) does not affect the result.
+    A per-leaf slice of a shared vector at a constant offset is fused into the leaf's kernel,
+    so every leaf gets a kernel of its own, and XLA:CPU spends about 10 ms of LLVM on each
+    (35 s at 2000 leaves). Positions that come out of a conditional are opaque to XLA: every
+    leaf of one shape then runs the same kernel. Both branches return the same positions, so
+    the predicate (built from ``anchor``, any runtime scalar) does not affect the result.
+    """
+
+    def constants() -> tuple[jax.Array, ...]:
+        return tuple(jnp.asarray(i, jnp.int32) for i in positions)
+
+    return lax.cond(jnp.isnan(anchor), constants, constants)
+
+
+def leaf_entries(vectors: Sequence[jax.Array]) -> list[list[jax.Array]]:
+    """``[[v[i] for i in range(n)] for v in vectors]``, at runtime positions.
+
+    One scalar per leaf from each vector, for the per-leaf kernels (see runtime_positions).
     """
     n = int(vectors[0].shape[0])
     if n <= 1:
         return [[v[i] for i in range(n)] for v in vectors]
-
-    def positions() -> tuple[jax.Array, ...]:
-        return tuple(jnp.asarray(i, jnp.int32) for i in range(n))
-
-    index = lax.cond(jnp.isnan(vectors[0][0]), positions, positions)
+    index = runtime_positions(range(n), vectors[0][0])
     return [
         [lax.dynamic_index_in_dim(v, index[i], keepdims=False) for i in range(n)] for v in vectors
     ]
