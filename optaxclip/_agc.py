@@ -360,11 +360,15 @@ def _unit_parts(
     return parts
 
 
-def _per_leaf(parts: list[_Part], column: int, shapes: Sequence[tuple[int, ...]]) -> list[Any]:
-    """Each leaf's slice of a joined column, in its own shape, taken at runtime positions."""
+def _per_leaf(
+    parts: Sequence[_Part], vectors: Sequence[jax.Array], shapes: Sequence[tuple[int, ...]]
+) -> list[Any]:
+    """Splits ``vectors[k]`` (laid out like ``parts[k]``) back into one array per leaf.
+
+    Each leaf's slice comes in its own shape, taken at runtime positions.
+    """
     out: list[Any] = [None] * len(shapes)
-    for part in parts:
-        vector = part.columns[column]
+    for part, vector in zip(parts, vectors, strict=True):
         if len(part.members) == 1:
             ((i, _),) = part.members
             out[i] = vector.reshape(shapes[i])
@@ -569,11 +573,14 @@ def adaptive_grad_clip(
         n_clipped: list[jax.Array] = []
         n_units: list[jax.Array] = []
         least_limits: list[jax.Array] = []
+        coarse_parts: list[jax.Array] = []
+        fine_parts: list[jax.Array] = []
         for part in parts:
             g, w, c = part.columns
             limit = c * jnp.maximum(w, jnp.asarray(eps, g.dtype))
             first, second = shrink_factors(limit, g, g > limit)
-            part.columns.extend([first, second])
+            coarse_parts.append(first)
+            fine_parts.append(second)
             unit_norms_of.append(g)
             clipped_norms_of.append((g * first) * second)
             bad.append(jnp.sum(~jnp.isfinite(g)))
@@ -582,8 +589,8 @@ def adaptive_grad_clip(
             least = jnp.min(limit, initial=jnp.inf)
             least_limits.append(lax.pmin(least, part.axes) if part.axes else least)
         shapes = [g.shape for g in grad_norms]
-        coarse = _per_leaf(parts, 3, shapes)
-        fine = _per_leaf(parts, 4, shapes)
+        coarse = _per_leaf(parts, coarse_parts, shapes)
+        fine = _per_leaf(parts, fine_parts, shapes)
         # Devices along a unit dimension hold different units: the stats add across them.
         finite = sum_across_devices(bad, part_axes) == 0
         active_leaves = [leaves[i] for i in active]
