@@ -317,7 +317,7 @@ def unit_norms(
 
 
 class _Part(NamedTuple):
-    """Unit values of several leaves, joined: ``columns[k]`` is column k's vector."""
+    """Unit values of one leaf, or of several joined into vectors: ``columns[k]`` is column k's."""
 
     columns: list[jax.Array]
     axes: tuple[str, ...]
@@ -328,7 +328,7 @@ def _unit_parts(
     columns: Sequence[Sequence[jax.Array]],
     across_units: Sequence[tuple[str, ...]],
 ) -> list[_Part]:
-    """Per-leaf arrays of unit values, raveled and joined leaf after leaf.
+    """Per-leaf arrays of unit values, raveled and joined leaf after leaf where they can be.
 
     ``columns`` are aligned lists (one entry per leaf each), joined alike: part k holds the
     same units in every column. Leaves are joined within one group of ``across_units`` axes
@@ -343,8 +343,8 @@ def _unit_parts(
     for (axes, _), idx in groups.items():
         joinable = [i for i in idx if all(_can_join(column[i]) for column in columns)]
         for i in idx:
-            if i not in joinable:
-                parts.append(_Part([column[i].ravel() for column in columns], axes, [(i, 0)]))
+            if i not in joinable:  # reduced as it is: an explicitly sharded array is not raveled
+                parts.append(_Part([column[i] for column in columns], axes, [(i, 0)]))
         for start in range(0, len(joinable), _MAX_JOINED):
             chunk = joinable[start : start + _MAX_JOINED]
             offsets = np.cumsum([0] + [columns[0][i].size for i in chunk])[:-1]
