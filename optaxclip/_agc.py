@@ -27,6 +27,7 @@ from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
 from optaxclip._numerics import (
     _MAX_JOINED,
     _TINY_SUM_OF_SQUARES,
+    _Budget,
     _can_join,
     accumulation_dtype,
     norm_of_leaves,
@@ -261,122 +262,235 @@ def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
     return lax.psum(x, axes) if axes else x
 
 
-def unit_norms(
-    arrays: Sequence[jax.Array],
-    axes: Sequence[tuple[int, ...]],
-    summed_over: Sequence[tuple[str, ...]],
-    agree_over: Sequence[tuple[str, ...]] | None,
-) -> list[jax.Array]:
-    """The L2 norm of each unit of each array (reduced over its axes, kept as size-1 dims).
+class _Block(NamedTuple):
+    """Leaves whose unit norms one reduction computes.
 
-    Accumulates in float32 (float64 for float64 arrays). When any unit's sum of squares
-    overflows or loses bits to underflow, one rescaled pass over all arrays runs under a single
-    ``lax.cond`` (one branch to compile, not one per leaf).
-
-    Args:
-      arrays: the leaves (inside ``shard_map``, this device's blocks of them).
-      axes: per array, the axes that make up a unit.
-      summed_over: per array, the mapped axes along which its *reduced* dimensions are split;
-        the partial sums of each unit are added across them.
-      agree_over: per array, every mapped axis it is split along; the rescue decision is
-        shared across them, so that all devices take the same branch. None skips the rescue
-        (used for the weight norms: a unit weight norm outside about [1e-19, 1e19] is either
-        floored by ``eps`` or so large that no gradient reaches the limit).
+    ``axis`` None: one leaf, reduced in place over its own unit axes. Otherwise small leaves
+    of one dtype, unit size and device layout, each laid out as a matrix with one unit per
+    column (``axis`` 0) or per row (``axis`` 1) and joined along the other axis.
     """
 
-    def reduce(i: int, divisor: jax.Array | None = None) -> jax.Array:
-        x, acc = arrays[i], accumulation_dtype(arrays[i].dtype)
-        total = jnp.sum(_squares(x, acc, divisor), axis=axes[i], keepdims=True)
-        return _psum(total, summed_over[i])
+    members: list[tuple[int, int]]  # (position in the list of leaves, offset of its units)
+    axis: int | None
+    summed: tuple[str, ...]
+    agree: tuple[str, ...]
+    across: tuple[str, ...]
 
-    direct = [reduce(i) for i in range(len(arrays))]
-    if agree_over is None or not arrays:
-        return [safe_root(total, 2.0) for total in direct]
 
-    def rescaled() -> list[jax.Array]:
+def _unit_matrix(x: jax.Array, reduced: tuple[int, ...]) -> tuple[jax.Array, int]:
+    """``x`` as a matrix holding one unit per column (returns axis 0) or per row (axis 1).
+
+    Units come in the row-major order of the kept dimensions, as in ``x``'s own unit norms.
+    """
+    kept = [d for d in range(x.ndim) if d not in reduced]
+    size = int(np.prod([x.shape[d] for d in reduced], dtype=np.int64))
+    if reduced == tuple(range(len(reduced))):  # the reduced axes lead: no transpose
+        return x.reshape(size, -1), 0
+    return jnp.transpose(x, kept + list(reduced)).reshape(-1, size), 1
+
+
+def _unit_blocks(
+    arrays: Sequence[jax.Array],
+    weights: Sequence[jax.Array],
+    axes: Sequence[tuple[int, ...]],
+    summed: Sequence[tuple[str, ...]],
+    agree: Sequence[tuple[str, ...]],
+    across: Sequence[tuple[str, ...]],
+) -> list[_Block]:
+    """How the unit norms of ``arrays`` are batched into reductions.
+
+    XLA:CPU's compile time grows faster than linearly with the number of reduction loops, so
+    small leaves (see ``_numerics._SMALL_LEAF``) whose units have the same size and layout
+    are reduced together, at most ``_MAX_JOINED`` per block; the others one loop each.
+    """
+    budget = _Budget()
+    blocks: list[_Block] = []
+    joined: dict[Any, list[int]] = {}
+    for i, x in enumerate(arrays):
+        if _can_join(weights[i]) and budget.take(x, int(x.size)):
+            unit = int(np.prod([x.shape[d] for d in axes[i]], dtype=np.int64))
+            lead = axes[i] == tuple(range(len(axes[i])))
+            key = (x.dtype, lead, unit, summed[i], agree[i], across[i])
+            joined.setdefault(key, []).append(i)
+        else:
+            blocks.append(_Block([(i, 0)], None, summed[i], agree[i], across[i]))
+    for key, idx in joined.items():
+        axis = 0 if key[1] else 1
+        for start in range(0, len(idx), _MAX_JOINED):
+            chunk = idx[start : start + _MAX_JOINED]
+            units = [arrays[i].size // key[2] for i in chunk]
+            offsets = np.cumsum([0, *units])[:-1]
+            members = [(i, int(o)) for i, o in zip(chunk, offsets, strict=True)]
+            blocks.append(_Block(members, axis, key[3], key[4], key[5]))
+    return blocks
+
+
+def _block_array(
+    block: _Block, arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]
+) -> jax.Array:
+    """The array one block reduces: the leaf itself, or its leaves' unit matrices joined."""
+    if block.axis is None:
+        return arrays[block.members[0][0]]
+    matrices = [_unit_matrix(arrays[i], axes[i])[0] for i, _ in block.members]
+    if len(matrices) == 1:
+        return matrices[0]
+    return jnp.concatenate(matrices, axis=1 - block.axis)
+
+
+def _unit_sums(
+    array: jax.Array, axes: tuple[int, ...], summed: tuple[str, ...], divisor: Any = None
+) -> jax.Array:
+    acc = accumulation_dtype(array.dtype)
+    total = jnp.sum(_squares(array, acc, divisor), axis=axes, keepdims=True)
+    return _psum(total, summed)
+
+
+def unit_norms(
+    arrays: Sequence[jax.Array],
+    blocks: Sequence[_Block],
+    axes: Sequence[tuple[int, ...]],
+    rescue: bool,
+) -> list[jax.Array]:
+    """The L2 norm of each unit, per block: a vector for a joined block, else the leaf's shape.
+
+    Accumulates in float32 (float64 for float64 arrays). With ``rescue``, when any unit's sum
+    of squares overflows or loses bits to underflow, one rescaled pass over every block runs
+    under a single ``lax.cond`` whose operands are the blocks' arrays. Without it (the weight
+    norms: a unit weight norm outside about [1e-19, 1e19] is either floored by ``eps`` or so
+    large that no gradient reaches the limit) the direct sums are used.
+
+    Devices along ``block.summed`` hold parts of the same units: the partial sums are added
+    across them. The rescue decision is shared across ``block.agree`` (every axis the leaves
+    are split along), so that all devices take the same branch.
+    """
+    inputs = [_block_array(block, arrays, axes) for block in blocks]
+    reduced = [axes[b.members[0][0]] if b.axis is None else (b.axis,) for b in blocks]
+
+    def flat(value: jax.Array, block: _Block) -> jax.Array:
+        return value if block.axis is None else value.reshape(-1)
+
+    direct = [_unit_sums(x, r, b.summed) for x, r, b in zip(inputs, reduced, blocks, strict=True)]
+    if not rescue or not blocks:
+        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
+
+    def rescaled(operands: list[jax.Array]) -> list[jax.Array]:
         out = []
-        for i, x in enumerate(arrays):
+        for x, r, b in zip(operands, reduced, blocks, strict=True):
             acc = accumulation_dtype(x.dtype)
-            largest = jnp.max(jnp.abs(x).astype(acc), axis=axes[i], keepdims=True, initial=0)
-            if summed_over[i]:
-                largest = lax.pmax(largest, summed_over[i])
-            largest = lax.stop_gradient(largest)
-            divisor = rescale_divisor(largest)
-            out.append(divisor * safe_root(reduce(i, divisor), 2.0))
+            largest = jnp.max(jnp.abs(x).astype(acc), axis=r, keepdims=True, initial=0)
+            if b.summed:
+                largest = lax.pmax(largest, b.summed)
+            divisor = rescale_divisor(lax.stop_gradient(largest))
+            out.append(flat(divisor * safe_root(_unit_sums(x, r, b.summed, divisor), 2.0), b))
         return out
 
+    def as_is(_: list[jax.Array]) -> list[jax.Array]:
+        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
+
     suspects = []
-    for total, agree in zip(direct, agree_over, strict=True):
+    for total, block in zip(direct, blocks, strict=True):
         suspect = jnp.any(jnp.isinf(total) | ((total > 0) & (total < _TINY_SUM_OF_SQUARES)))
-        if agree:
-            suspect = lax.pmax(suspect.astype(jnp.int32), agree) > 0
+        if block.agree:
+            suspect = lax.pmax(suspect.astype(jnp.int32), block.agree) > 0
         suspects.append(suspect)
-    return lax.cond(
-        jnp.any(stack_scalars(suspects)), rescaled, lambda: [safe_root(t, 2.0) for t in direct]
-    )
+    return lax.cond(jnp.any(stack_scalars(suspects)), rescaled, as_is, inputs)
 
 
 class _Part(NamedTuple):
-    """Unit values of one leaf, or of several joined into vectors: ``columns[k]`` is column k's."""
+    """Unit values of one block, or of several joined into vectors: ``columns[k]`` is column k's."""
 
     columns: list[jax.Array]
     axes: tuple[str, ...]
-    members: list[tuple[int, int]]  # (leaf index, offset of its units in the vectors)
+    members: list[tuple[int, int]]  # (leaf position, offset of its units in the vectors)
 
 
 def _unit_parts(
-    columns: Sequence[Sequence[jax.Array]],
-    across_units: Sequence[tuple[str, ...]],
+    pieces: Sequence[tuple[list[jax.Array], tuple[str, ...], list[tuple[int, int]]]],
 ) -> list[_Part]:
-    """Per-leaf arrays of unit values, raveled and joined leaf after leaf where they can be.
+    """The per-block unit values (``columns``, ``across_units`` axes, members), joined.
 
-    ``columns`` are aligned lists (one entry per leaf each), joined alike: part k holds the
-    same units in every column. Leaves are joined within one group of ``across_units`` axes
-    and dtype (at most ``_MAX_JOINED`` per part); explicitly sharded arrays stay on their own.
-    The barrier keeps each joined vector one buffer: XLA would otherwise split a reduction of
-    it back into one per leaf.
+    Pieces of one group of ``across_units`` axes and dtype are raveled and joined, at most
+    ``_MAX_JOINED`` per part, so that the limits, scales and stats run as a few vector
+    operations; a piece whose arrays are explicitly sharded stays on its own. The barrier
+    keeps each joined vector one buffer: XLA would otherwise split a reduction of it back
+    into one per piece.
     """
     parts: list[_Part] = []
     groups: dict[Any, list[int]] = {}
-    for i, axes in enumerate(across_units):
-        groups.setdefault((axes, columns[0][i].dtype), []).append(i)
+    for k, (columns, axes, _) in enumerate(pieces):
+        groups.setdefault((axes, columns[0].dtype), []).append(k)
     for (axes, _), idx in groups.items():
-        joinable = [i for i in idx if all(_can_join(column[i]) for column in columns)]
-        for i in idx:
-            if i not in joinable:  # reduced as it is: an explicitly sharded array is not raveled
-                parts.append(_Part([column[i] for column in columns], axes, [(i, 0)]))
+        joinable = [k for k in idx if all(_can_join(c) for c in pieces[k][0])]
+        for k in idx:
+            if k not in joinable:  # kept as it is: an explicitly sharded array is not raveled
+                parts.append(_Part(list(pieces[k][0]), axes, list(pieces[k][2])))
         for start in range(0, len(joinable), _MAX_JOINED):
             chunk = joinable[start : start + _MAX_JOINED]
-            offsets = np.cumsum([0] + [columns[0][i].size for i in chunk])[:-1]
+            if len(chunk) == 1:
+                columns, _, members = pieces[chunk[0]]
+                parts.append(_Part([c.ravel() for c in columns], axes, list(members)))
+                continue
+            shifts = np.cumsum([0] + [pieces[k][0][0].size for k in chunk])[:-1]
+            members = [
+                (i, int(shift) + offset)
+                for k, shift in zip(chunk, shifts, strict=True)
+                for i, offset in pieces[k][2]
+            ]
             # One barrier per column: a shared one would give every output the union of
             # their device-variance types inside shard_map.
             joined = [
-                lax.optimization_barrier(jnp.concatenate([column[i].ravel() for i in chunk]))
-                for column in columns
+                lax.optimization_barrier(jnp.concatenate([pieces[k][0][c].ravel() for k in chunk]))
+                for c in range(len(pieces[chunk[0]][0]))
             ]
-            parts.append(
-                _Part(joined, axes, [(i, int(o)) for i, o in zip(chunk, offsets, strict=True)])
-            )
+            parts.append(_Part(joined, axes, members))
     return parts
 
 
-def _per_leaf(
-    parts: Sequence[_Part], vectors: Sequence[jax.Array], shapes: Sequence[tuple[int, ...]]
-) -> list[Any]:
-    """Splits ``vectors[k]`` (laid out like ``parts[k]``) back into one array per leaf.
+def _part_limits(
+    part: _Part,
+    limits: Sequence[jax.Array],
+    known: Sequence[float | None],
+    shapes: Sequence[tuple[int, ...]],
+) -> jax.Array:
+    """Each unit's ``clipping`` value, laid out like ``part.columns``."""
+    like = part.columns[0]
+    first = part.members[0][0]
+    if all(limits[i] is limits[first] for i, _ in part.members):  # one value for every leaf
+        return jnp.broadcast_to(limits[first].astype(like.dtype), like.shape)
+    sizes = [int(np.prod(shapes[i], dtype=np.int64)) for i, _ in part.members]
+    values = [known[i] for i, _ in part.members]
+    if all(v is not None for v in values):
+        return jnp.asarray(np.repeat(np.asarray(values, np.float64), sizes), like.dtype)
+    return jnp.concatenate(
+        [
+            jnp.broadcast_to(limits[i].astype(like.dtype), (n,))
+            for (i, _), n in zip(part.members, sizes, strict=True)
+        ]
+    )
 
-    Each leaf's slice comes in its own shape, taken at runtime positions.
+
+def _per_leaf(
+    parts: Sequence[_Part],
+    columns: Sequence[Sequence[jax.Array]],
+    shapes: Sequence[tuple[int, ...]],
+) -> list[list[Any]]:
+    """Splits ``column[k]`` (laid out like ``parts[k]``) back into one array per leaf.
+
+    Each leaf's slice comes in its own shape, taken at runtime positions shared by the
+    columns.
     """
-    out: list[Any] = [None] * len(shapes)
-    for part, vector in zip(parts, vectors, strict=True):
+    out: list[list[Any]] = [[None] * len(shapes) for _ in columns]
+    for k, part in enumerate(parts):
         if len(part.members) == 1:
             ((i, _),) = part.members
-            out[i] = vector.reshape(shapes[i])
+            for column, values in zip(columns, out, strict=True):
+                values[i] = column[k].reshape(shapes[i])
             continue
-        starts = runtime_positions([o for _, o in part.members], vector[0])
+        starts = runtime_positions([o for _, o in part.members], columns[0][k][0])
         for (i, _), start in zip(part.members, starts, strict=True):
             size = int(np.prod(shapes[i], dtype=np.int64))
-            out[i] = lax.dynamic_slice_in_dim(vector, start, size).reshape(shapes[i])
+            for column, values in zip(columns, out, strict=True):
+                values[i] = lax.dynamic_slice_in_dim(column[k], start, size).reshape(shapes[i])
     return out
 
 
@@ -554,18 +668,28 @@ def adaptive_grad_clip(
         summed = [summed for summed, _ in splits]
         across_units = [kept for _, kept in splits]
         active_axes = [axes[i] for i in active]
-        grad_norms = unit_norms(
-            [leaves[i] for i in active], active_axes, summed, [leaf_axes[i] for i in active]
+        grads = [leaves[i] for i in active]
+        params_of = [weights[i] for i in active]
+        blocks = _unit_blocks(
+            grads, params_of, active_axes, summed, [leaf_axes[i] for i in active], across_units
         )
-        weight_norms = unit_norms([weights[i] for i in active], active_axes, summed, None)
+        grad_norms = unit_norms(grads, blocks, active_axes, rescue=True)
+        weight_norms = unit_norms(params_of, blocks, active_axes, rescue=False)
         # Limits, scales and stats on the unit norms joined into a few vectors: computed per
         # leaf, they added about a dozen kernels per leaf to the program.
-        thresholds = [
-            jnp.broadcast_to(limits[i].astype(g.dtype), g.shape)
-            for i, g in zip(active, grad_norms, strict=True)
+        parts = _unit_parts(
+            [
+                ([g, w.astype(g.dtype)], block.across, block.members)
+                for g, w, block in zip(grad_norms, weight_norms, blocks, strict=True)
+            ]
+        )
+        shapes = [
+            tuple(1 if d in leaf_axes_ else n for d, n in enumerate(x.shape))
+            for x, leaf_axes_ in zip(grads, active_axes, strict=True)
         ]
-        weight_norms = [w.astype(g.dtype) for w, g in zip(weight_norms, grad_norms, strict=True)]
-        parts = _unit_parts([grad_norms, weight_norms, thresholds], across_units)
+        known = threshold.known_per_leaf(updates)
+        active_limits = [limits[i] for i in active]
+        active_known = [known[i] for i in active]
         part_axes = [part.axes for part in parts]
         unit_norms_of: list[jax.Array] = []
         clipped_norms_of: list[jax.Array] = []
@@ -576,26 +700,36 @@ def adaptive_grad_clip(
         coarse_parts: list[jax.Array] = []
         fine_parts: list[jax.Array] = []
         for part in parts:
-            g, w, c = part.columns
+            g, w = part.columns
+            c = _part_limits(part, active_limits, active_known, shapes)
             limit = c * jnp.maximum(w, jnp.asarray(eps, g.dtype))
-            first, second = shrink_factors(limit, g, g > limit)
+            over = g > limit
+            first, second = shrink_factors(limit, g, over)
+            # clipping=0 zeroes every unit, also one whose norm rounds to 0 (entries below
+            # about 1e-19 square to 0 in float32 and are not rescued, see unit_norms).
+            second = jnp.where(limit == 0, 0, second)
             coarse_parts.append(first)
             fine_parts.append(second)
             unit_norms_of.append(g)
             clipped_norms_of.append((g * first) * second)
             bad.append(jnp.sum(~jnp.isfinite(g)))
-            n_clipped.append(jnp.sum(first * second < 1))
+            n_clipped.append(jnp.sum(over))
             n_units.append(jnp.asarray(g.size))
             least = jnp.min(limit, initial=jnp.inf)
             least_limits.append(lax.pmin(least, part.axes) if part.axes else least)
-        shapes = [g.shape for g in grad_norms]
-        coarse = _per_leaf(parts, coarse_parts, shapes)
-        fine = _per_leaf(parts, fine_parts, shapes)
         # Devices along a unit dimension hold different units: the stats add across them.
         finite = sum_across_devices(bad, part_axes) == 0
         active_leaves = [leaves[i] for i in active]
         raise_if_nonfinite(policy, finite, [paths[i] for i in active], active_leaves, label)
-        clipped = scale_leaves(active_leaves, fine, policy, finite, coarse)
+        if policy != "zero":
+            # Applied here to a few vectors rather than to each leaf's slice by scale_leaves.
+            coarse_parts = [jnp.where(finite, v, 1) for v in coarse_parts]
+            fine_parts = [jnp.where(finite, v, 1) for v in fine_parts]
+            finite_for_leaves = jnp.asarray(True)
+        else:
+            finite_for_leaves = finite
+        coarse, fine = _per_leaf(parts, [coarse_parts, fine_parts], shapes)
+        clipped = scale_leaves(active_leaves, fine, policy, finite_for_leaves, coarse)
         out = list(leaves)
         for i, leaf in zip(active, clipped, strict=True):
             out[i] = leaf

@@ -104,10 +104,23 @@ def runtime_positions(positions: Sequence[int], anchor: jax.Array) -> tuple[jax.
     the predicate (built from ``anchor``, any runtime scalar) does not affect the result.
     """
 
-    def constants() -> tuple[jax.Array, ...]:
-        return tuple(jnp.asarray(i, jnp.int32) for i in positions)
+    positions = list(positions)
+    out: list[jax.Array] = []
+    # One conditional per chunk: the outputs of one conditional are all live from its end
+    # until their last use, and XLA's buffer assignment takes time that grows faster than
+    # linearly with the number of buffers live at once (a single one for 2000 leaves cost
+    # about a second).
+    for start in range(0, len(positions), _POSITIONS_PER_COND):
+        chunk = positions[start : start + _POSITIONS_PER_COND]
 
-    return lax.cond(jnp.isnan(anchor), constants, constants)
+        def constants(chunk: list[int] = chunk) -> tuple[jax.Array, ...]:
+            return tuple(jnp.asarray(i, jnp.int32) for i in chunk)
+
+        out.extend(lax.cond(jnp.isnan(anchor), constants, constants))
+    return tuple(out)
+
+
+_POSITIONS_PER_COND = 64
 
 
 def leaf_entries(vectors: Sequence[jax.Array]) -> list[list[jax.Array]]:

@@ -43,17 +43,23 @@ def tree_of(shapes, fn):
 
 
 def agc_reference(grads, params, axes, clipping, eps):
-    """NFNets AGC in float64: per unit, G * min(1, clipping * max(|W|, eps) / |G|)."""
+    """NFNets AGC in float64: per unit, G * min(1, clipping * max(|W|, eps) / |G|).
+
+    ``clipping``: a number, or a dict with one per leaf.
+    """
     out, grad_norms, limits = {}, [], []
-    for (path, g), w, ax in zip(
-        jax.tree_util.tree_leaves_with_path(grads),
+    leaves = jax.tree_util.tree_leaves_with_path(grads)
+    clippings = [clipping] * len(leaves) if np.isscalar(clipping) else jax.tree.leaves(clipping)
+    for (path, g), w, ax, c in zip(
+        leaves,
         jax.tree.leaves(params),
         jax.tree.leaves(axes, is_leaf=lambda a: isinstance(a, tuple)),
+        clippings,
         strict=True,
     ):
         g64, w64 = np.float64(g), np.float64(w)
         g_norm = np.sqrt(np.sum(g64**2, axis=ax, keepdims=True))
-        limit = clipping * np.maximum(np.sqrt(np.sum(w64**2, axis=ax, keepdims=True)), eps)
+        limit = c * np.maximum(np.sqrt(np.sum(w64**2, axis=ax, keepdims=True)), eps)
         scale = np.where(g_norm > limit, limit / np.where(g_norm > 0, g_norm, 1), 1.0)
         out[jax.tree_util.keystr(path)] = g64 * scale
         grad_norms.append(np.broadcast_to(g_norm, scale.shape).ravel())
@@ -264,6 +270,48 @@ def test_after_clipping_unit_ratio_is_bounded_and_units_under_the_limit_are_bitw
             assert out[key].dtype == grads[key].dtype
 
 
+# Leaves that share a unit size in several layouts, so that AGC reduces them together: unit
+# size 5 by columns (a, b, j), by rows (c, d), 10 by transposed rows (e, f) and by columns (g),
+# scalars (h, i), and a leaf too large to join (big). Axes to reduce over, per leaf:
+JOINED_AXES = {"a": (0,), "b": (0,), "c": (1,), "d": (1,), "e": (0, 2), "f": (0, 2), "g": (0,),
+               "h": (), "i": (), "j": (0,), "big": (0,)}  # fmt: skip
+JOINED_SHAPES = {"a": (5, 4), "b": (5, 7), "c": (4, 5), "d": (7, 5), "e": (2, 3, 5),
+                 "f": (5, 3, 2), "g": (10,), "h": (), "i": (), "j": (5,), "big": (4, 20000)}  # fmt: skip
+JOINED_CLIPPING = {k: 0.01 * (1 + i) for i, k in enumerate(sorted(JOINED_SHAPES))}
+JOINED_CLIPPERS = [
+    optaxclip.adaptive_grad_clip(0.05, unit_axes=JOINED_AXES),
+    optaxclip.adaptive_grad_clip(JOINED_CLIPPING, unit_axes=JOINED_AXES),
+    optaxclip.adaptive_grad_clip(lambda step: 0.05 + 0 * step, unit_axes=JOINED_AXES),
+]
+
+
+@jax.jit
+def clip_joined_case(grads, params):
+    return [tx.update(grads, tx.init(params), params) for tx in JOINED_CLIPPERS]
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    exponents=st.lists(st.sampled_from([-16.0, -3.0, 0.0, 2.0, 25.0]), min_size=11, max_size=11),
+)
+def test_leaves_reduced_together_match_the_reference_leaf_by_leaf(seed, exponents):
+    # Unit norms of leaves joined into one reduction must come back to the right units, with
+    # per-leaf clipping values, and with the overflow/underflow rescue (1e25 squares to inf
+    # in float32, sums of squares of 1e-16 lose bits to underflow) taken by some of them.
+    rng = np.random.default_rng(seed)
+    keys = sorted(JOINED_SHAPES)
+    scale = dict(zip(keys, exponents, strict=True))
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in JOINED_SHAPES.items()}
+    grads = {
+        k: (10 ** (scale[k] + rng.uniform(-1, 1, size=s)) * rng.normal(size=s)).astype(np.float32)
+        for k, s in JOINED_SHAPES.items()
+    }
+    results = clip_joined_case(grads, params)
+    for clipping, (out, state) in zip([0.05, JOINED_CLIPPING, 0.05], results, strict=True):
+        expected, stats = agc_reference(grads, params, JOINED_AXES, clipping, 1e-3)
+        assert_matches_reference(out, state, expected, stats)
+
+
 def test_exclusion_passes_leaves_through_bitwise_and_leaves_them_out_of_stats():
     rng = np.random.default_rng(5)
     params = {"body": rng.normal(size=(4, 3)).astype(np.float32),
@@ -346,6 +394,19 @@ def test_zero_gradient_and_zero_params_give_zeros_and_finite_derivatives():
         assert np.all(np.isfinite(derivative))
 
 
+def test_clipping_zero_zeroes_every_unit_even_one_whose_norm_rounds_to_zero():
+    # Entries of 1e-30 square to 0 in float32, so that unit's norm reads 0; the limit 0 must
+    # still zero it (limit_i = 0 allows no gradient at all).
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones((2,))}
+    grads = {"w": jnp.array([[1e-30, 1.0]] * 3, jnp.float32), "b": jnp.array([1e-30, 0.0])}
+    tx = optaxclip.adaptive_grad_clip(0.0)
+    out, state = clip_once(tx, grads, params)
+    np.testing.assert_array_equal(out["w"], np.zeros((3, 2)))
+    np.testing.assert_array_equal(out["b"], np.zeros(2))
+    assert float(state.stats.post_clip_norm) == 0.0
+    assert state.stats.clipped_fraction == np.float32(1 / 3)  # only the unit of norm sqrt(3)
+
+
 def test_huge_float32_units_are_clipped_exactly_not_zeroed():
     params = {"w": jnp.ones((4, 2))}
     grads = {"w": jnp.array([[1e30, 1e-3]] * 4, jnp.float32)}  # column 0 overflows when squared
@@ -368,7 +429,9 @@ def test_units_past_2_to_126_times_their_limit_are_clipped_not_zeroed(under_jit)
     expected = column * (0.01 * 2.0 / np.linalg.norm(column))
     np.testing.assert_allclose(np.asarray(out["w"])[:, 0], expected, rtol=1e-6, atol=1.2e-38)
     np.testing.assert_array_equal(out["w"][:, 1], grads["w"][:, 1])
-    np.testing.assert_allclose(state.stats.post_clip_norm, math.hypot(0.02, math.sqrt(2) * 1e-3), rtol=1e-5)
+    np.testing.assert_allclose(
+        state.stats.post_clip_norm, math.hypot(0.02, math.sqrt(2) * 1e-3), rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
