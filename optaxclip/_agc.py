@@ -610,7 +610,9 @@ def adaptive_grad_clip(
       An ``optax.GradientTransformation`` whose state is an ``AGCState``. Its stats report the
       global norm of the clipped leaves before and after (the latter from the unit scales),
       the smallest unit limit as ``threshold``, the fraction of units clipped and ``count``,
-      the number of updates seen.
+      the number of updates seen. A unit whose entries are all below about 1e-19 in
+      magnitude squares to 0 in float32 and counts with norm 0 in the stats (it is under
+      every positive limit, so its clip is unaffected; ``clipping=0`` still zeroes it).
 
     Raises:
       ValueError: negative or NaN ``clipping``/``eps``, an unknown preset, an axis out of
