@@ -278,16 +278,16 @@ class _Block(NamedTuple):
     across: tuple[str, ...]
 
 
-def _unit_matrix(x: jax.Array, reduced: tuple[int, ...]) -> tuple[jax.Array, int]:
-    """``x`` as a matrix holding one unit per column (returns axis 0) or per row (axis 1).
+def _unit_matrix(x: jax.Array, reduced: tuple[int, ...]) -> jax.Array:
+    """``x`` as a matrix with one unit per column (reduced axes leading) or else per row.
 
     Units come in the row-major order of the kept dimensions, as in ``x``'s own unit norms.
     """
     kept = [d for d in range(x.ndim) if d not in reduced]
     size = int(np.prod([x.shape[d] for d in reduced], dtype=np.int64))
     if reduced == tuple(range(len(reduced))):  # the reduced axes lead: no transpose
-        return x.reshape(size, -1), 0
-    return jnp.transpose(x, kept + list(reduced)).reshape(-1, size), 1
+        return x.reshape(size, -1)
+    return jnp.transpose(x, kept + list(reduced)).reshape(-1, size)
 
 
 # Leaves of at most this many elements are stacked for their unit norms (see _unit_blocks).
@@ -309,10 +309,10 @@ def _unit_blocks(
 
     XLA:CPU's compile time grows with the number of reduction loops, so small leaves (at
     most ``_JOIN_UNITS_UP_TO`` elements) of one shape and layout are stacked and reduced
-    together, at most ``_MAX_JOINED`` per block; the others are reduced one loop each. Only leaves of one
-    shape are stacked: XLA:CPU reads a concatenation of operands of different widths element
-    by element, choosing the operand each time (AGC on 2000 mixed kernels and biases took 145
-    ms a step that way, against 58 ms for Optax's per-leaf loops).
+    together, at most ``_MAX_JOINED`` per block; the others are reduced one loop each.
+    Only leaves of one shape are stacked: XLA:CPU reads a concatenation of operands of
+    different widths element by element, choosing the operand each time (AGC on 2000 mixed
+    kernels and biases took 145 ms a step that way, against 58 ms for Optax's loops).
     """
     budget = _Budget()
     blocks: list[_Block] = []
@@ -339,7 +339,7 @@ def _block_array(
     """The array one block reduces: the leaf itself, or its leaves' unit matrices stacked."""
     if block.axis is None:
         return arrays[block.members[0][0]]
-    matrices = [_unit_matrix(arrays[i], axes[i])[0] for i, _ in block.members]
+    matrices = [_unit_matrix(arrays[i], axes[i]) for i, _ in block.members]
     if len(matrices) == 1:
         return matrices[0][None]
     # Raveled and concatenated, then reshaped: the same bytes as a stack.
