@@ -94,6 +94,21 @@ def stack_scalars(values: Sequence[ArrayLike]) -> jax.Array:
     return lax.optimization_barrier(jnp.stack([jnp.asarray(v) for v in values]))
 
 
+def computed_once(fn: Any, operands: Any, anchor: jax.Array) -> Any:
+    """``fn(operands)``, computed in full before any consumer reads the result.
+
+    XLA fuses elementwise producers into their consumers and recomputes them per element of
+    the consumer: a per-unit scale computed on a vector (a division and a dozen selects) and
+    sliced by each leaf was recomputed for every element of every leaf (AGC on 2000 small
+    leaves: 85 ms a step against 58 ms for Optax). ``lax.optimization_barrier`` does not
+    prevent that on XLA:CPU, where barriers are removed before fusion, and a conditional that
+    returns its operands is folded away; the results of a conditional whose two branches both
+    compute ``fn`` (predicate from ``anchor``, any floating-point runtime scalar: the
+    predicate must not be a constant XLA can fold) are not fused.
+    """
+    return lax.cond(jnp.isnan(anchor), fn, fn, operands)
+
+
 def runtime_positions(positions: Sequence[int], anchor: jax.Array) -> tuple[jax.Array, ...]:
     """The integers ``positions`` as int32 scalars that XLA treats as runtime values.
 
@@ -113,29 +128,14 @@ def runtime_positions(positions: Sequence[int], anchor: jax.Array) -> tuple[jax.
     for start in range(0, len(positions), _POSITIONS_PER_COND):
         chunk = positions[start : start + _POSITIONS_PER_COND]
 
-        def constants(chunk: list[int] = chunk) -> tuple[jax.Array, ...]:
+        def constants(_: None, chunk: list[int] = chunk) -> tuple[jax.Array, ...]:
             return tuple(jnp.asarray(i, jnp.int32) for i in chunk)
 
-        out.extend(lax.cond(jnp.isnan(anchor), constants, constants))
+        out.extend(computed_once(constants, None, anchor))
     return tuple(out)
 
 
 _POSITIONS_PER_COND = 64
-
-
-def computed_once(fn: Any, operands: Any, anchor: jax.Array) -> Any:
-    """``fn(operands)``, computed in full before any consumer reads the result.
-
-    XLA fuses elementwise producers into their consumers and recomputes them per element of
-    the consumer: a per-unit scale computed on a vector (a division and a dozen selects) and
-    sliced by each leaf was recomputed for every element of every leaf (AGC on 2000 small
-    leaves: 85 ms a step against 58 ms for Optax). ``lax.optimization_barrier`` does not
-    prevent that on XLA:CPU, where barriers are removed before fusion, and a conditional that
-    returns its operands is folded away; the results of a conditional whose two branches both
-    compute ``fn`` (predicate from ``anchor``, any floating-point runtime scalar: the
-    predicate must not be a constant XLA can fold) are not fused.
-    """
-    return lax.cond(jnp.isnan(anchor), fn, fn, operands)
 
 
 def leaf_entries(vectors: Sequence[jax.Array]) -> list[list[jax.Array]]:
