@@ -10,8 +10,19 @@ import jax.numpy as jnp
 import optax
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
-from optaxclip._numerics import combine_norms, leaf_entries, norms_per_leaf, shrink_factors
+from optaxclip._nonfinite import (
+    factors_under_policy,
+    finite_for_leaves,
+    raise_if_nonfinite,
+    scale_leaves,
+)
+from optaxclip._numerics import (
+    combine_norms,
+    computed_once,
+    leaf_entries,
+    norms_per_leaf,
+    shrink_factors,
+)
 from optaxclip._static import check_params, flatten_updates, global_scale
 from optaxclip._stats import ClipStats, initial_stats, make_stats
 from optaxclip._validation import (
@@ -191,17 +202,26 @@ def adagc(
         reference = jnp.where(gamma > 0, gamma, n)
         limits = jnp.asarray(relative_factor, f32) * reference
         over = n > limits
-        leaf_coarse, leaf_fine = shrink_factors(limits, n + jnp.asarray(eps, f32), over)
         b = jnp.asarray(beta, f32)
         ema_gamma = b * reference + (1 - b) * jnp.where(over, limits, n)
 
-        coarse = jnp.where(in_warmup, warm_coarse.astype(f32), leaf_coarse)
-        fine = jnp.where(in_warmup, warm_fine.astype(f32), leaf_fine)
         new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
-
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        fine_of, coarse_of = leaf_entries([fine, coarse])
-        out = scale_leaves(leaves, fine_of, policy, finite, coarse_of)
+
+        def leaf_factors(operands: Any) -> tuple[jax.Array, ...]:
+            limits, n, over, warm_coarse, warm_fine, in_warmup, ok = operands
+            leaf_coarse, leaf_fine = shrink_factors(limits, n + jnp.asarray(eps, f32), over)
+            coarse = jnp.where(in_warmup, warm_coarse, leaf_coarse)
+            fine = jnp.where(in_warmup, warm_fine, leaf_fine)
+            return factors_under_policy(policy, ok, (coarse, fine))
+
+        # Computed as vectors before the leaves read them (see computed_once).
+        warm = (warm_coarse.astype(f32), warm_fine.astype(f32))
+        coarse, fine = computed_once(
+            leaf_factors, (limits, n, over, *warm, in_warmup, finite), total
+        )
+        coarse_of, fine_of = leaf_entries([coarse, fine])
+        out = scale_leaves(leaves, fine_of, policy, finite_for_leaves(policy, finite), coarse_of)
         post = jnp.where(
             finite,
             combine_norms((norms * coarse.astype(norms.dtype)) * fine.astype(norms.dtype), 2.0),

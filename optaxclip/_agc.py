@@ -23,7 +23,12 @@ from optaxclip._layout import (
     leaf_reduction_axes,
     normalize_axis_names,
 )
-from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves
+from optaxclip._nonfinite import (
+    factors_under_policy,
+    finite_for_leaves,
+    raise_if_nonfinite,
+    scale_leaves,
+)
 from optaxclip._numerics import (
     _MAX_JOINED,
     _TINY_SUM_OF_SQUARES,
@@ -739,22 +744,20 @@ def adaptive_grad_clip(
 
         def leaf_factors(operands: Any) -> tuple[list[jax.Array], list[jax.Array]]:
             norms, limits_, ok = operands
-            pairs = [factors(g, limit) for g, limit in zip(norms, limits_, strict=True)]
-            if policy == "zero":  # scale_leaves zeroes the leaves themselves
-                return [a for a, _ in pairs], [b for _, b in pairs]
-            # Here on a few vectors rather than on each leaf's slice in scale_leaves.
-            return (
-                [jnp.where(ok, a, 1) for a, _ in pairs],
-                [jnp.where(ok, b, 1) for _, b in pairs],
-            )
+            pairs = [
+                factors_under_policy(policy, ok, factors(g, limit))
+                for g, limit in zip(norms, limits_, strict=True)
+            ]
+            return [a for a, _ in pairs], [b for _, b in pairs]
 
         # The scale factors the leaves read are computed as vectors first (see computed_once).
         coarse_parts, fine_parts = computed_once(
             leaf_factors, (unit_norms_of, unit_limits, finite), n_bad
         )
-        finite_for_leaves = finite if policy == "zero" else jnp.asarray(True)
         coarse, fine = _per_leaf(parts, [coarse_parts, fine_parts], shapes)
-        clipped = scale_leaves(active_leaves, fine, policy, finite_for_leaves, coarse)
+        clipped = scale_leaves(
+            active_leaves, fine, policy, finite_for_leaves(policy, finite), coarse
+        )
         out = list(leaves)
         for i, leaf in zip(active, clipped, strict=True):
             out[i] = leaf

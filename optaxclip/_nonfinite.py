@@ -65,6 +65,25 @@ def raise_if_nonfinite(
     lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, flags()))
 
 
+def factors_under_policy(
+    policy: str, finite: jax.Array, factors: Sequence[jax.Array]
+) -> tuple[jax.Array, ...]:
+    """Scale-factor vectors as the leaves should read them (see ``finite_for_leaves``).
+
+    Except under ``"zero"``, a non-finite step leaves the gradient unscaled: the factors
+    become 1 here, once on each vector, instead of a select on each leaf's factor in
+    ``scale_leaves``. Under ``"zero"`` they are kept and ``scale_leaves`` zeroes the leaves.
+    """
+    if policy == "zero":
+        return tuple(factors)
+    return tuple(jnp.where(finite, f, 1) for f in factors)
+
+
+def finite_for_leaves(policy: str, finite: jax.Array) -> jax.Array:
+    """The flag ``scale_leaves`` takes with factors from ``factors_under_policy``."""
+    return finite if policy == "zero" else jnp.asarray(True)
+
+
 def scale_leaves(
     leaves: Sequence[jax.Array],
     scales: Sequence[jax.Array],

@@ -18,10 +18,17 @@ import optax
 from jax import lax
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._nonfinite import raise_if_nonfinite, scale_leaves, select_leaves
+from optaxclip._nonfinite import (
+    factors_under_policy,
+    finite_for_leaves,
+    raise_if_nonfinite,
+    scale_leaves,
+    select_leaves,
+)
 from optaxclip._numerics import (
     accumulation_dtype,
     combine_norms,
+    computed_once,
     group_by_axes,
     leaf_entries,
     norm_of_leaves,
@@ -238,15 +245,23 @@ def _per_leaf_norm_clipper(
         else:
             norm_limits = limit_vector
         over = norms > norm_limits
-        # A threshold of 0 zeroes a leaf even when its norm rounds to 0 (entries below ~1e-19,
-        # see _numerics._needs_rescue); the stats still count it as unclipped, like a zero leaf.
-        coarse, fine = shrink_factors(norm_limits, norms, over)
-        fine = jnp.where(norm_limits == 0, 0, fine)
         finite = jnp.all(jnp.isfinite(norms))
         raise_if_nonfinite(policy, finite, paths, leaves, label)
-        fine_of, coarse_of = leaf_entries([fine, coarse])
-        out = scale_leaves(leaves, fine_of, policy, finite, coarse_of)
         pre = combine_norms(norms, p)
+
+        def leaf_factors(operands: Any) -> tuple[jax.Array, ...]:
+            norms, norm_limits, over, ok = operands
+            coarse, fine = shrink_factors(norm_limits, norms, over)
+            # A threshold of 0 zeroes a leaf even when its norm rounds to 0 (entries below
+            # ~1e-19, see _numerics._needs_rescue); the stats count it as unclipped, like a
+            # zero leaf.
+            return factors_under_policy(policy, ok, (coarse, jnp.where(norm_limits == 0, 0, fine)))
+
+        # Computed as vectors before the leaves read them (see computed_once): fused into
+        # each leaf's multiply, the dozen selects were recomputed for every element.
+        coarse, fine = computed_once(leaf_factors, (norms, norm_limits, over, finite), pre)
+        coarse_of, fine_of = leaf_entries([coarse, fine])
+        out = scale_leaves(leaves, fine_of, policy, finite_for_leaves(policy, finite), coarse_of)
         post_if_finite = combine_norms((norms * coarse) * fine, p)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
         clipped = jnp.where(
