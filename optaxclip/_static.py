@@ -103,10 +103,20 @@ def clip_to_global_norm(
     and the ClipStats (``count`` is the value to store, i.e. including this step).
     """
     finite = jnp.isfinite(norm)
-    coarse, fine, _ = global_scale(norm, limit)
     raise_if_nonfinite(policy, finite, paths, leaves, label)
+
+    def factors(operands: Any) -> tuple[jax.Array, ...]:
+        norm, limit, ok = operands
+        coarse, fine, _ = global_scale(norm, limit)
+        return factors_under_policy(policy, ok, (coarse, fine))
+
+    # Two scalars computed once (see computed_once): XLA:CPU otherwise copies the dozen
+    # selects that produce them into every leaf's kernel, and into each of Adam's kernels
+    # per leaf in a chain (compile time of chain(clip, adam): about 1.35x Adam's alone at
+    # 2000 leaves instead of 1.0x).
+    coarse, fine = computed_once(factors, (norm, limit, finite), norm)
     n = len(leaves)
-    out = scale_leaves(leaves, [fine] * n, policy, finite, [coarse] * n)
+    out = scale_leaves(leaves, [fine] * n, policy, finite_for_leaves(policy, finite), [coarse] * n)
     scale = coarse * fine
     applied = jnp.where(finite, scale, 0 if policy == "zero" else 1)
     post = jnp.where(finite, (norm * coarse) * fine, 0 if policy == "zero" else norm)
