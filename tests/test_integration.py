@@ -200,3 +200,35 @@ def test_orbax_checkpoint_round_trip_resumes_bit_identically(tmp_path):
         assert same_bits(a, b)
     stats = optaxclip.clip_stats(resumed[1])
     assert int(stats["gclip/count"]) == 6
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optaxclip.clip_by_global_norm(1.0),
+        lambda: optaxclip.clip_by_leaf_norm(1.0),
+        lambda: optaxclip.clip_by_block_rms(1.0),
+        lambda: optaxclip.adagc(),
+        lambda: optaxclip.adaptive_grad_clip(0.01),
+    ],
+    ids=["global", "leaf", "block_rms", "adagc", "agc"],
+)
+def test_scale_factors_reach_the_leaves_computed_not_recomputed_in_each_kernel(make):
+    # XLA copies the elementwise ops that produce a leaf's scale into every kernel reading
+    # it: the factors' dozen selects were in each leaf's kernel and in each of Adam's,
+    # which made chain(clip, adam) compile up to 2x slower. They must arrive computed; what
+    # is left per leaf is the bounds select of a runtime slice, one per kernel. (A property
+    # of the compiled program, not a timing.)
+    def selects(n_leaves):
+        tree = [jnp.ones((4, 4), jnp.float32) for _ in range(n_leaves)]
+        opt = optax.chain(make(), optax.adam(1e-3))
+
+        def step(p, s, g):
+            updates, s = opt.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        compiled = jax.jit(step).lower(tree, opt.init(tree), tree).compile()
+        return compiled.as_text().count(" select(")
+
+    per_leaf = (selects(40) - selects(20)) / 20
+    assert per_leaf <= 2, f"{per_leaf} selects per leaf in the compiled chain"
