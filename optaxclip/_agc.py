@@ -710,27 +710,18 @@ def adaptive_grad_clip(
         active_known = [known[i] for i in active]
         part_axes = [part.axes for part in parts]
         unit_norms_of: list[jax.Array] = []
-        clipped_norms_of: list[jax.Array] = []
         bad: list[jax.Array] = []
         n_clipped: list[jax.Array] = []
         n_units: list[jax.Array] = []
         least_limits: list[jax.Array] = []
         unit_limits: list[jax.Array] = []
 
-        def factors(g: jax.Array, limit: jax.Array) -> tuple[jax.Array, jax.Array]:
-            first, second = shrink_factors(limit, g, g > limit)
-            # clipping=0 zeroes every unit, also one whose norm rounds to 0 (entries below
-            # about 1e-19 square to 0 in float32 and are not rescued, see unit_norms).
-            return first, jnp.where(limit == 0, 0, second)
-
         for part in parts:
             g, w = part.columns
             c = _part_limits(part, active_limits, active_known, shapes)
             limit = c * jnp.maximum(w, jnp.asarray(eps, g.dtype))
-            first, second = factors(g, limit)
             unit_limits.append(limit)
             unit_norms_of.append(g)
-            clipped_norms_of.append((g * first) * second)
             bad.append(jnp.sum(~jnp.isfinite(g)))
             n_clipped.append(jnp.sum(g > limit))
             n_units.append(jnp.asarray(g.size))
@@ -744,17 +735,28 @@ def adaptive_grad_clip(
 
         def leaf_factors(operands: Any) -> tuple[list[jax.Array], list[jax.Array]]:
             norms, limits_, ok = operands
-            pairs = [
-                factors_under_policy(policy, ok, factors(g, limit))
-                for g, limit in zip(norms, limits_, strict=True)
-            ]
-            return [a for a, _ in pairs], [b for _, b in pairs]
+            coarse_parts, fine_parts = [], []
+            for g, limit in zip(norms, limits_, strict=True):
+                first, second = shrink_factors(limit, g, g > limit)
+                # clipping=0 zeroes every unit, also one whose norm rounds to 0 (entries below
+                # about 1e-19 square to 0 in float32 and are not rescued, see unit_norms).
+                first, second = factors_under_policy(
+                    policy, ok, (first, jnp.where(limit == 0, 0, second))
+                )
+                coarse_parts.append(first)
+                fine_parts.append(second)
+            return coarse_parts, fine_parts
 
         # The scale factors the leaves read are computed as vectors first (see computed_once).
         coarse_parts, fine_parts = computed_once(
             leaf_factors, (unit_norms_of, unit_limits, finite), n_bad
         )
         coarse, fine = _per_leaf(parts, [coarse_parts, fine_parts], shapes)
+        # Read only where the step is finite (post below), so the policy's 1s do not matter.
+        clipped_norms_of = [
+            (g * first) * second
+            for g, first, second in zip(unit_norms_of, coarse_parts, fine_parts, strict=True)
+        ]
         clipped = scale_leaves(
             active_leaves, fine, policy, finite_for_leaves(policy, finite), coarse
         )
