@@ -36,7 +36,10 @@ from optaxclip._validation import check_float_leaves, normalize_ord
 # Below this sum of squares float32 squares have lost bits to the subnormal range.
 _TINY_SUM_OF_SQUARES = 2.0**-96
 
-Transform = Callable[[jax.Array], jax.Array]
+# An elementwise function a reduction applies to an array as it reads it. It is given the array
+# and the array's twin index: its position among the reduced arrays of the same shape and dtype
+# (distinct per array, so that a caller can keep the constants of twin arrays distinct).
+Transform = Callable[[jax.Array, int], jax.Array]
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -340,16 +343,20 @@ def _shield_low_precision(leaves: Sequence[jax.Array]) -> list[jax.Array]:
 
 def _buckets(
     leaves: Sequence[jax.Array], transforms: Sequence[Transform | None]
-) -> list[tuple[jax.Array, Transform | None]]:
+) -> list[tuple[jax.Array, Transform | None, int]]:
     """The arrays a reduction over all of ``leaves`` runs over (see _SMALL_LEAF above).
 
-    Each comes with the transform still to apply where it is read: a leaf reduced in place
-    keeps its own (so that the rescue's cond takes the leaf itself as operand, not a
-    full-size transformed copy); joined leaves are transformed before they are joined.
+    Each comes with the transform to apply where it is read and its twin index. Small leaves
+    of one dtype that share one transform (the same object, or none) are joined as they are
+    and the transform is applied to the joined array: a reduction costs one loop per bucket,
+    not one per leaf, and reductions whose leaves share a transform join the same arrays in
+    the same order, so XLA computes each concatenation once for all of them. A leaf reduced in
+    place keeps its own transform (so that the rescue's cond takes the leaf itself as
+    operand, not a full-size transformed copy).
     """
     budget = _Budget()
     alone: list[tuple[jax.Array, Transform | None]] = []
-    joined: dict[Any, list[jax.Array]] = {}
+    joined: dict[tuple[Any, int], tuple[Transform | None, list[jax.Array]]] = {}
 
     def join(parts: list[jax.Array]) -> jax.Array:
         return parts[0] if len(parts) == 1 else jnp.concatenate([x.ravel() for x in parts])
@@ -358,14 +365,54 @@ def _buckets(
         if x.size == 0:
             continue
         if budget.take(x, x.size):
-            parts = joined.setdefault(x.dtype, [])
-            parts.append(x if transform is None else transform(x))
+            _, parts = joined.setdefault((x.dtype, id(transform)), (transform, []))
+            parts.append(x)
             if len(parts) == _MAX_JOINED:
-                alone.append((join(parts), None))
-                joined[x.dtype] = []
+                alone.append((join(parts), transform))
+                parts.clear()
         else:
             alone.append((x, transform))
-    return alone + [(join(parts), None) for parts in joined.values() if parts]
+    arrays = alone + [(join(parts), f) for f, parts in joined.values() if parts]
+    twins: dict[Any, int] = {}
+    out = []
+    for a, f in arrays:
+        key = (a.shape, a.dtype)
+        out.append((a, f, twins.get(key, 0)))
+        twins[key] = twins.get(key, 0) + 1
+    return out
+
+
+def _grouped_buckets(
+    leaves: Sequence[jax.Array],
+    leaf_axes: Sequence[tuple[str, ...]],
+    transforms: Sequence[Transform | None] | None,
+) -> list[tuple[list[tuple[jax.Array, Transform | None, int]], tuple[str, ...]]]:
+    """``_buckets`` for each group of leaves reduced over the same device axes."""
+    funcs = list(transforms) if transforms is not None else [None] * len(leaves)
+    return [
+        (_buckets([leaves[i] for i in idx], [funcs[i] for i in idx]), axes)
+        for axes, idx in group_by_axes(leaf_axes).items()
+    ]
+
+
+def sum_of_leaves(
+    leaves: Sequence[jax.Array],
+    leaf_axes: Sequence[tuple[str, ...]],
+    terms: Sequence[Transform],
+) -> jax.Array:
+    """The float32 sum over leaves of ``terms[i](leaves[i], twin)``, a float32 scalar each.
+
+    Each term must be a sum over the entries of its argument of an elementwise function, so
+    that it may be applied to the concatenation of the small leaves sharing it (as the same
+    object) rather than to each leaf (see ``_buckets``). Partial sums are reduced over each
+    leaf's ``leaf_axes`` (scalars only).
+    """
+    total = jnp.zeros((), jnp.float32)
+    for arrays, axes in _grouped_buckets(leaves, leaf_axes, terms):
+        local = [f(a, twin) for a, f, twin in arrays if f is not None]
+        if local:
+            total = total + _psum(jnp.sum(stack_scalars(local)), axes)
+    return total
 
 
 def norm_of_leaves(
@@ -376,9 +423,10 @@ def norm_of_leaves(
 ) -> jax.Array:
     """The p-norm of all leaves together; leaf i's partial sums are reduced over leaf_axes[i].
 
-    With ``transforms``, the norm of ``transforms[i](leaves[i])`` (elementwise functions that
-    keep the dtype), computed where each leaf is read so that XLA need not materialize the
-    transformed leaves.
+    With ``transforms``, the norm of ``transforms[i](leaves[i], twin)`` (elementwise functions
+    that keep the dtype; see ``Transform``), computed where each leaf is read so that XLA need
+    not materialize the transformed leaves. Small leaves sharing one transform object are
+    joined first and transformed together (see ``_buckets``).
 
     Collectives run on scalars only. Every device takes the same branch of the rescue
     ``lax.cond``, since its predicate is computed after the reduction across devices. The
@@ -389,11 +437,7 @@ def norm_of_leaves(
     if not leaves:
         return jnp.zeros((), acc)
     leaves = _shield_low_precision(leaves)
-    funcs = list(transforms) if transforms is not None else [None] * len(leaves)
-    groups = [
-        (_buckets([leaves[i] for i in idx], [funcs[i] for i in idx]), axes)
-        for axes, idx in group_by_axes(leaf_axes).items()
-    ]
+    groups = _grouped_buckets(leaves, leaf_axes, transforms)
 
     def combined(values: list[jax.Array], combine: Any) -> jax.Array:
         if not values:
@@ -404,7 +448,10 @@ def norm_of_leaves(
         return combined(
             [
                 device_reduce(
-                    combined([local(a if f is None else f(a)) for a, f in arrays], combine), axes
+                    combined(
+                        [local(a if f is None else f(a, twin)) for a, f, twin in arrays], combine
+                    ),
+                    axes,
                 )
                 for arrays, axes in groups
             ],

@@ -6,9 +6,7 @@ carrying :class:`ClipStats`.
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -36,6 +34,7 @@ from optaxclip._numerics import (
     shrink_factors,
     stack_scalars,
     sum_across_devices,
+    sum_of_leaves,
 )
 from optaxclip._stats import ClipStats, initial_stats, make_stats
 from optaxclip._thresholds import Threshold, ThresholdLike
@@ -402,23 +401,13 @@ def clip_by_block_rms(
 # XLA:CPU runs a reduction at memory speed only as one fused loop of plain arithmetic: a
 # comparison, select or clamp op in it is first written out in full, and so is a full-size
 # broadcast constant that another fused computation shares (equal constants of leaves of one
-# shape are merged). So the statistics are arithmetic only, each leaf's scaled by a power of two
-# of its own (exact), and none of them uses a bound of the clamp unscaled.
+# shape are merged). So the statistics are arithmetic only, each reduced array's scaled by a power
+# of two of its own (exact; chosen by its twin index, see _numerics.Transform), and none of them
+# uses a bound of the clamp unscaled.
 _VARIANTS = 16
 # Differences with a bound below this are computed at a larger scale, so that they stay normal
 # numbers (XLA:CPU flushes subnormal results to 0).
 _TINY_BOUND = 2.0**-60
-
-
-def _variants(leaves: Sequence[jax.Array]) -> list[int]:
-    """A small index per leaf, distinct among the first ``_VARIANTS`` leaves of one shape."""
-    seen: dict[Any, int] = {}
-    out = []
-    for x in leaves:
-        key = (x.shape, x.dtype)
-        out.append(seen.get(key, 0) % _VARIANTS)
-        seen[key] = seen.get(key, 0) + 1
-    return out
 
 
 def _difference_scale(bound: jax.Array, known: float | None, variant: int, acc: Any) -> jax.Array:
@@ -475,6 +464,25 @@ def _capped_magnitude(x: jax.Array, cap: jax.Array, known: float | None, variant
     ):
         scale = 1.0
     return jnp.minimum(jnp.abs(x.astype(acc)) * scale, cap.astype(acc) * scale) * (1 / scale)
+
+
+def _value_terms(
+    lo: jax.Array, hi: jax.Array, known_lo: float | None, known_hi: float | None, symmetric: bool
+) -> tuple[Any, Any]:
+    """The count term and the clamp (for the post-clip norm) of one pair of bounds."""
+
+    def count(x: jax.Array, twin: int) -> jax.Array:
+        return _count_outside(x, lo, hi, (known_lo, known_hi), twin % _VARIANTS)
+
+    def capped(x: jax.Array, twin: int) -> jax.Array:
+        return _capped_magnitude(x, hi, known_hi, twin % _VARIANTS)
+
+    def clamp(x: jax.Array, twin: int) -> jax.Array:
+        # XLA:CPU writes these clamped arrays out before it reduces them.
+        del twin
+        return jnp.clip(x, lo, hi)
+
+    return count, capped if symmetric else clamp
 
 
 def clip_by_value(
@@ -586,20 +594,26 @@ def clip_by_value(
             else lower.known_per_leaf(updates)
         )
         clamped, counts, clamps = [], [], []
-        for x, lo, hi, known_lo, known_hi, variant in zip(
-            leaves, lows, highs, known_lows, known_highs, _variants(leaves), strict=True
+        # One count term and one clamp per distinct (dtype, lo, hi), shared by the leaves with
+        # those bounds (as the same object), so that the statistics reduce the concatenations
+        # of small leaves the pre-clip norm already makes rather than one loop per leaf.
+        shared: dict[Any, tuple[Any, Any]] = {}
+        for x, lo, hi, known_lo, known_hi in zip(
+            leaves, lows, highs, known_lows, known_highs, strict=True
         ):
             real = jnp.finfo(x.dtype).dtype
             lo_x, hi_x = lo.astype(real), hi.astype(real)
             clamped.append(jnp.clip(x, lo_x, hi_x))
-            counts.append(_count_outside(x, lo_x, hi_x, (known_lo, known_hi), variant))
-            if symmetric:
-                clamps.append(
-                    functools.partial(_capped_magnitude, cap=hi_x, known=known_hi, variant=variant)
-                )
-            else:
-                # XLA:CPU writes these clamped leaves out before it reduces them.
-                clamps.append(functools.partial(jnp.clip, min=lo_x, max=hi_x))
+            key = (
+                x.dtype,
+                id(lo) if known_lo is None else known_lo,
+                id(hi) if known_hi is None else known_hi,
+            )
+            if key not in shared:
+                shared[key] = _value_terms(lo_x, hi_x, known_lo, known_hi, symmetric)
+            count_term, clamp = shared[key]
+            counts.append(count_term)
+            clamps.append(clamp)
         pre = norm_of_leaves(leaves, 2.0, leaf_axes)
         finite = jnp.isfinite(pre)
         raise_if_nonfinite(policy, finite, paths, leaves, label)
@@ -608,16 +622,12 @@ def clip_by_value(
         # optimizer that follows, and XLA would then write it out in full (and copy the
         # optimizer state) rather than fuse the clamp into the optimizer's update.
         post_if_finite = norm_of_leaves(leaves, 2.0, leaf_axes, transforms=clamps)
+        n_clipped = sum_of_leaves(leaves, leaf_axes, counts)
         # Each clamp may be written over its (donated) input, so every reduction reading that
-        # input must run first: the norms do through ``ready``, the leaf's own count is tied
-        # in (a count is never negative, and NaN only when the norm is not finite either).
-        # Without this, XLA copies every leaf first.
-        ready = finite & (post_if_finite >= 0)
-        out = [
-            select_leaves([x], [c], policy, ready & (n >= 0))[0]
-            for x, c, n in zip(leaves, clamped, counts, strict=True)
-        ]
-        n_clipped = sum_across_devices(counts, leaf_axes)
+        # input must run first; ``ready`` ties them in (a count is never negative, and NaN only
+        # when the norm is not finite either). Without this, XLA copies every leaf first.
+        ready = finite & (post_if_finite >= 0) & (n_clipped >= 0)
+        out = select_leaves(leaves, clamped, policy, ready)
         total = sum_across_devices([jnp.asarray(x.size, jnp.float32) for x in leaves], leaf_axes)
         fraction = n_clipped / jnp.maximum(total, 1)
         post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)

@@ -119,8 +119,8 @@ VALUE_BOUNDS = st.sampled_from([0.0, 2.0**-100, 1e-35, 3e-20, 0.05, 1.0, 3e4, 1e
 
 @st.composite
 def value_clip_cases(draw):
-    """Many leaves of one shape (the statistics vary per leaf, see _static._variants) whose
-    entries sit on, next to, inside and outside the bounds."""
+    """Many leaves of one shape (the statistics vary per reduced array, see
+    _numerics.Transform) whose entries sit on, next to, inside and outside the bounds."""
     dtype = jnp.dtype(draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])))
     high = draw(VALUE_BOUNDS)
     low = -high if draw(st.booleans()) else high - draw(VALUE_BOUNDS)
@@ -201,6 +201,20 @@ def test_value_clip_stats_are_exact_with_scheduled_bounds_under_jit(case):
         )
     with jax.disable_jit(False):
         out, state = jax.jit(tx.update)(leaves, tx.init(leaves))
+    _check_value_clip(leaves, low, high, out, state.stats)
+
+
+@given(case=value_clip_cases())
+def test_value_clip_stats_are_exact_with_per_leaf_array_bounds(case):
+    # One array bound per leaf: each leaf is reduced on its own (not joined with the others),
+    # so twin leaves of one shape take the statistics' scaled variants in turn.
+    leaves, low, high = case
+    highs = [jnp.asarray(high, jnp.float32) for _ in leaves]
+    if low == -high:
+        tx = optaxclip.clip_by_value(highs)
+    else:
+        tx = optaxclip.clip_by_value(highs, [jnp.asarray(low, jnp.float32) for _ in leaves])
+    out, state = tx.update(leaves, tx.init(leaves))
     _check_value_clip(leaves, low, high, out, state.stats)
 
 
