@@ -108,8 +108,20 @@ def computed_once(fn: Any, operands: Any, anchor: jax.Array) -> Any:
     returns its operands is folded away; the results of a conditional whose two branches both
     compute ``fn`` (predicate from ``anchor``, any floating-point runtime scalar: the
     predicate must not be a constant XLA can fold) are not fused.
+
+    That conditional is an XLA:CPU measure only (compile time and CPU kernels): on other
+    platforms ``fn`` is inlined, since a GPU conditional may synchronize with the host to
+    read its predicate, and recomputing a few scalar ops per element costs a GPU nothing.
     """
-    return lax.cond(jnp.isnan(anchor), fn, fn, operands)
+
+    def on_cpu(operands: Any, anchor: jax.Array) -> Any:
+        return lax.cond(jnp.isnan(anchor), fn, fn, operands)
+
+    def elsewhere(operands: Any, anchor: jax.Array) -> Any:
+        del anchor
+        return fn(operands)
+
+    return lax.platform_dependent(operands, anchor, cpu=on_cpu, default=elsewhere)
 
 
 def runtime_positions(positions: Sequence[int], anchor: jax.Array) -> tuple[jax.Array, ...]:

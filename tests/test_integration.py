@@ -234,6 +234,32 @@ def test_scale_factors_reach_the_leaves_computed_not_recomputed_in_each_kernel(m
     assert per_leaf <= 2, f"{per_leaf} selects per leaf in the compiled chain"
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optaxclip.clip_by_global_norm(1.0),
+        lambda: optaxclip.clip_by_leaf_norm(1.0),
+        lambda: optaxclip.adagc(),
+        lambda: optaxclip.adaptive_grad_clip(0.01),
+    ],
+    ids=["global", "leaf", "adagc", "agc"],
+)
+def test_conditionals_that_only_serve_xla_cpu_are_not_lowered_for_gpus(make):
+    # The scale factors are computed under a conditional on CPU (see
+    # _numerics.computed_once); a GPU would pay for it (a conditional may synchronize with
+    # the host to read its predicate) and gains nothing. The same step lowered for CUDA (no GPU
+    # needed to lower) must hold fewer conditional ops than for CPU: the CPU-only ones.
+    tree = [jnp.ones((4, 4), jnp.float32) for _ in range(6)]
+    tx = make()
+    step = jax.jit(lambda g, s: tx.update(g, s, tree))
+
+    def conditionals(platform):
+        exported = jax.export.export(step, platforms=(platform,))(tree, tx.init(tree))
+        return exported.mlir_module().count("stablehlo.case")
+
+    assert conditionals("cuda") < conditionals("cpu")
+
+
 @pytest.mark.parametrize("low", [None, -0.5], ids=["symmetric", "asymmetric"])
 def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(low):
     # clip_by_value's count and post-clip norm used to take one reduction per leaf, which
