@@ -454,13 +454,18 @@ def _capped_magnitude(x: jax.Array, cap: jax.Array, known: float | None, variant
     """``min(|x|, cap)``, the magnitude of ``jnp.clip(x, -cap, cap)``, in float32 (or float64).
 
     Computed as ``min(|x| * t, cap * t) / t`` with ``t = 2^(1 + variant)``, which is exact.
-    ``t = 1`` where ``cap`` is not known as a Python number (``known``) or ``cap * t`` could
-    overflow (with a factor 2 to spare for the rounding of ``cap`` to the leaf's dtype).
+    ``t = 1`` where ``cap`` is not known as a Python number (``known``), is infinite, or
+    ``cap * t`` could overflow (with a factor 2 to spare for the rounding of ``cap`` to the
+    leaf's dtype).
     """
     acc = accumulation_dtype(x.dtype)
     scale = 2.0 ** (1 + variant)
-    if known is None or (
-        math.isfinite(known) and 2 * abs(known) * scale > float(jnp.finfo(acc).max)
+    # An infinite cap is not scaled either: an entry whose scaled magnitude overflows would
+    # come back as inf, where min(|x|, inf) is |x|.
+    if (
+        known is None
+        or not math.isfinite(known)
+        or 2 * abs(known) * scale > float(jnp.finfo(acc).max)
     ):
         scale = 1.0
     return jnp.minimum(jnp.abs(x.astype(acc)) * scale, cap.astype(acc) * scale) * (1 / scale)

@@ -218,6 +218,23 @@ def test_value_clip_stats_are_exact_with_per_leaf_array_bounds(case):
     _check_value_clip(leaves, low, high, out, state.stats)
 
 
+@pytest.mark.parametrize("low", [None, -1.0])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_value_clip_with_an_infinite_bound_reports_huge_entries_as_they_are(low, dtype):
+    # Nothing is clamped at max_delta = inf, so the post-clip norm is the pre-clip norm, also
+    # for entries so large that a scaled copy of them overflows.
+    huge = float(jnp.finfo(dtype).max) * 0.75
+    tree = {"w": jnp.array([huge, -1.0, 0.5], dtype)}
+    tx = optaxclip.clip_by_value(math.inf, low)
+    out, state = tx.update(tree, tx.init(tree))
+    values = to_f64(tree["w"])
+    expected_out = values if low is None else np.maximum(values, low)
+    np.testing.assert_array_equal(to_f64(out["w"]), expected_out)
+    assert float(state.stats.post_clip_norm) == _approx(ref_vector_norm(expected_out, 2))
+    assert float(state.stats.pre_clip_norm) == _approx(ref_vector_norm(values, 2))
+    assert float(state.stats.clipped_fraction) == pytest.approx(np.mean(expected_out != values))
+
+
 def test_value_clip_threshold_is_smallest_per_leaf_upper_bound():
     tree = {"body": jnp.array([-3.0, 0.5]), "head": jnp.array([4.0, -0.25, 0.0, 9.0])}
     tx = optaxclip.clip_by_value({"body": 1.0, "head": 5.0})
