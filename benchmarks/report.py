@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -214,17 +215,39 @@ def torch_tables(records: list[dict[str, Any]]) -> str:
 
 
 def _compile_index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
-    return {
-        (r.get("method") or "optimizer", r["mode"], r["n_leaves"]): r
-        for r in records
-        if r["section"] == "compile"
-    }
+    """One record per (method, mode, leaves): the median of the finished repeats.
+
+    A point measured in several fresh processes (``--compile-repeats``) reports the median
+    ``total_s`` and the range; one that never finished reports its first failure.
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["section"] == "compile":
+            key = (r.get("method") or "optimizer", r["mode"], r["n_leaves"])
+            groups.setdefault(key, []).append(r)
+    out = {}
+    for key, group in groups.items():
+        ok = [r for r in group if r.get("status") == "ok"]
+        if not ok:
+            out[key] = group[0]
+            continue
+        totals = sorted(r["total_s"] for r in ok)
+        out[key] = {
+            **ok[0],
+            "total_s": statistics.median(totals),
+            "repeats": len(ok),
+            "min_s": totals[0],
+            "max_s": totals[-1],
+        }
+    return out
 
 
 def _compile_cell(r: dict[str, Any] | None) -> str:
     if r is None:
         return "-"
     if r.get("status") == "ok":
+        if r.get("repeats", 1) > 1:
+            return f"{r['total_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
         return f"{r['total_s']:.2f}"
     if r.get("status") == "timeout":
         return r.get("reason", "timeout").replace("timeout", "timeout")
@@ -271,7 +294,8 @@ def compile_table(records: list[dict[str, Any]]) -> str:
     out.append("")
     out.append(
         "Seconds of `jax.jit(step).lower(...)` + `.compile()` from abstract shapes, each point in "
-        "a fresh process; leaves are (32, 32) float32. Growth exponent k: time ~ leaves^k."
+        "a fresh process (with several, the median and the range; cases alternated); leaves are "
+        "(32, 32) float32. Growth exponent k: time ~ leaves^k."
     )
     return "\n".join(out)
 

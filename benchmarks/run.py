@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-timeout", type=float, default=None, help="seconds per compile point")
     p.add_argument("--compile-methods", default=None, help="families for the compile section")
     p.add_argument(
+        "--compile-repeats",
+        type=int,
+        default=1,
+        help="fresh processes per compile point, cases alternated; the tables show the median",
+    )
+    p.add_argument(
         "--compile-libraries",
         default="optaxclip,optax",
         help="libraries for the compile section (adam alone is always measured); e.g. "
@@ -350,31 +356,37 @@ class Suite:
                         "mode": mode,
                     }
                 )
-        for case in cases:
-            timed_out_at = None
-            for n in sorted(leaves):
-                if timed_out_at is not None:
-                    self._on_record(
-                        {
-                            "section": "compile",
-                            **case,
-                            "n_leaves": n,
-                            "status": "timeout",
-                            "reason": f"not run (timeout at {timed_out_at} leaves)",
-                        }
-                    )
-                    continue
-                job = {
-                    "kind": "compile",
-                    "n_leaves": n,
-                    "optimizer": "adam",
-                    "common": {"section": "compile", "n_leaves": n},
-                    "cases": [case],
-                }
-                before = len(self.records)
-                self._run(job, a.compile_timeout)
-                if any(r.get("status") == "timeout" for r in self.records[before:]):
-                    timed_out_at = n
+        # Leaf count by leaf count, every case once per round, so that slow drifts of a shared
+        # machine hit all cases alike; a case that timed out is not run at larger counts.
+        timed_out_at: dict[str, int] = {}
+        repeats = max(1, a.compile_repeats)
+        for n in sorted(leaves):
+            for repeat in range(repeats):
+                for case in cases:
+                    if case["id"] in timed_out_at:
+                        if repeat == 0:
+                            self._on_record(
+                                {
+                                    "section": "compile",
+                                    **case,
+                                    "n_leaves": n,
+                                    "status": "timeout",
+                                    "reason": "not run (timeout at "
+                                    f"{timed_out_at[case['id']]} leaves)",
+                                }
+                            )
+                        continue
+                    job = {
+                        "kind": "compile",
+                        "n_leaves": n,
+                        "optimizer": "adam",
+                        "common": {"section": "compile", "n_leaves": n, "repeat": repeat},
+                        "cases": [case],
+                    }
+                    before = len(self.records)
+                    self._run(job, a.compile_timeout)
+                    if any(r.get("status") == "timeout" for r in self.records[before:]):
+                        timed_out_at[case["id"]] = n
 
     def run(self) -> None:
         sections = _families(self.args.sections) or []
