@@ -260,8 +260,19 @@ def test_conditionals_that_only_serve_xla_cpu_are_not_lowered_for_gpus(make):
     assert conditionals("cuda") < conditionals("cpu")
 
 
-@pytest.mark.parametrize("low", [None, -0.5], ids=["symmetric", "asymmetric"])
-def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(low):
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optaxclip.clip_by_value(1.0),
+        lambda: optaxclip.clip_by_value(1.0, -0.5),
+        lambda: optaxclip.clip_by_value(optax.linear_schedule(1.0, 0.5, 10)),
+        lambda: optaxclip.clip_by_value(
+            optax.linear_schedule(1.0, 0.5, 10), optax.linear_schedule(-1.0, -0.5, 10)
+        ),
+    ],
+    ids=["symmetric", "asymmetric", "scheduled", "scheduled_asymmetric"],
+)
+def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(make):
     # clip_by_value's count and post-clip norm used to take one reduction per leaf, which
     # made it compile 13x slower than optax.clip at 2000 leaves. Small leaves sharing their
     # bounds are reduced as the concatenation the pre-clip norm already makes, so the number
@@ -269,7 +280,7 @@ def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(lo
     # property of the compiled program, not a timing.)
     def reductions(n_leaves):
         tree = [jnp.ones((4, 4), jnp.float32) for _ in range(n_leaves)]
-        tx = optaxclip.clip_by_value(1.0, low)
+        tx = make()
         compiled = jax.jit(tx.update).lower(tree, tx.init(tree)).compile()
         return compiled.as_text().count(" reduce(")
 
