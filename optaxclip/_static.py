@@ -507,8 +507,10 @@ def clip_by_value(
     unchanged (an Inf is not silently clamped to a finite bound).
 
     The stats report the L2 norms before and after, ``threshold = max_delta`` (the smallest
-    per-leaf value) and ``clipped_fraction`` = the fraction of elements clamped. Computing them
-    reads the gradient in the same fused loop as the clamp.
+    per-leaf value) and ``clipped_fraction`` = the fraction of elements clamped. They cost
+    three reductions over the gradient (the two norms and the count), which small leaves
+    sharing their bounds run together. On XLA:CPU each is a loop of its own, so this clip
+    costs several times ``optax.clip``, which reports nothing (README, Performance).
 
     Args:
       max_delta: the upper bound (>= 0 when ``min_delta`` is None).
