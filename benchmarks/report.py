@@ -218,7 +218,8 @@ def _compile_index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]
     """One record per (method, mode, leaves): the median of the finished repeats.
 
     A point measured in several fresh processes (``--compile-repeats``) reports the median
-    ``total_s`` and the range; one that never finished reports its first failure.
+    ``total_s`` and the range. A point where any repeat failed or timed out reports that
+    failure: a median of the repeats that finished would hide it.
     """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
@@ -228,8 +229,8 @@ def _compile_index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]
     out = {}
     for key, group in groups.items():
         ok = [r for r in group if r.get("status") == "ok"]
-        if not ok:
-            out[key] = group[0]
+        if len(ok) < len(group):
+            out[key] = next(r for r in group if r.get("status") != "ok")
             continue
         totals = sorted(r["total_s"] for r in ok)
         out[key] = {
@@ -250,7 +251,7 @@ def _compile_cell(r: dict[str, Any] | None) -> str:
             return f"{r['total_s']:.2f} ({r['min_s']:.2f}-{r['max_s']:.2f})"
         return f"{r['total_s']:.2f}"
     if r.get("status") == "timeout":
-        return r.get("reason", "timeout").replace("timeout", "timeout")
+        return r.get("reason", "timeout")
     if r.get("status") == "skipped":
         return "skipped"
     return "error"
