@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.compile_repeats < 1:
+        p.error(f"--compile-repeats must be at least 1, got {args.compile_repeats}")
 
     defaults: dict[str, Any] = {
         "scale": 1.0,
@@ -363,7 +365,7 @@ class Suite:
         # Leaf count by leaf count, every case once per round, so that slow drifts of a shared
         # machine hit all cases alike; a case that timed out is not run at larger counts.
         timed_out_at: dict[str, int] = {}
-        repeats = max(1, a.compile_repeats)
+        repeats = a.compile_repeats
         for n in sorted(leaves):
             for repeat in range(repeats):
                 for case in cases:

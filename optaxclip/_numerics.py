@@ -37,8 +37,9 @@ from optaxclip._validation import check_float_leaves, normalize_ord
 _TINY_SUM_OF_SQUARES = 2.0**-96
 
 # An elementwise function a reduction applies to an array as it reads it. It is given the array
-# and the array's twin index: its position among the reduced arrays of the same shape and dtype
-# (distinct per array, so that a caller can keep the constants of twin arrays distinct).
+# and the array's twin index: its position among the arrays of the same shape and dtype that
+# the reduction reads for one group of device axes (so that a caller can keep the constants of
+# twin arrays distinct).
 Transform = Callable[[jax.Array, int], jax.Array]
 
 

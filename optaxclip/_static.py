@@ -611,14 +611,15 @@ def clip_by_value(
             real = jnp.finfo(x.dtype).dtype
             lo_x, hi_x = lo.astype(real), hi.astype(real)
             clamped.append(jnp.clip(x, lo_x, hi_x))
-            # Bounds known as numbers are compared by value, traced ones by identity (a
-            # symmetric lower bound is derived from its upper one, leaf by leaf).
+            # Bounds known as numbers are compared by value, traced ones by identity. A
+            # symmetric lower bound is the negation of the upper one (a new object per leaf),
+            # so the upper bound alone identifies the pair.
             hi_key = id(hi) if known_hi is None else known_hi
+            key: tuple[Any, ...]
             if symmetric:
-                lo_key: Any = ("-", hi_key)
+                key = (x.dtype, hi_key)
             else:
-                lo_key = id(lo) if known_lo is None else known_lo
-            key = (x.dtype, lo_key, hi_key)
+                key = (x.dtype, id(lo) if known_lo is None else known_lo, hi_key)
             if key not in shared:
                 shared[key] = _value_terms(lo_x, hi_x, known_lo, known_hi, symmetric)
             count_term, clamp = shared[key]
