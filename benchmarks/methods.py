@@ -170,7 +170,7 @@ def all_methods() -> list[Method]:
         "variant:global_nostats",
         "global",
         "variant",
-        "same clip, no ClipStats (local copy)",
+        "same clip, ClipStats dropped",
         1,
         False,
         lambda spec: clip_by_global_norm_without_stats(1.0),
