@@ -400,18 +400,22 @@ def clip_by_block_rms(
 # The clipped fraction and the post-clip norm are reductions over every entry, next to the clamp.
 # XLA:CPU runs a reduction at memory speed only as one fused loop of plain arithmetic: a
 # comparison, select or clamp op in it is first written out in full, and so is a full-size
-# broadcast constant that another fused computation shares (equal constants of leaves of one
-# shape are merged). So the statistics are arithmetic only, each reduced array's scaled by a power
-# of two of its own (exact; chosen by its twin index, see _numerics.Transform), and none of them
-# uses a bound of the clamp unscaled.
+# broadcast that another fused computation shares. XLA merges equal computations first, so two
+# reductions (or a reduction and the clamp) that broadcast equal scalars share one broadcast:
+# equal bounds, or a scalar of one that happens to equal a scalar of another (a clamp to 0.5 and
+# a reduction that halves). So the statistics are arithmetic only, and every scalar they
+# broadcast is multiplied by a unit of its own: an entry of a vector of ones that XLA cannot
+# see as constants (``_numerics.computed_once``), picked by the reduced array's twin index (see
+# _numerics.Transform). The clamps of the output broadcast their bounds as constants, which no
+# statistic then shares.
 _VARIANTS = 16
 # Differences with a bound below this are computed at a larger scale, so that they stay normal
 # numbers (XLA:CPU flushes subnormal results to 0).
 _TINY_BOUND = 2.0**-60
 
 
-def _difference_scale(bound: jax.Array, known: float | None, variant: int, acc: Any) -> jax.Array:
-    """The scale for ``x * s - bound * s``: 2^-(17 + variant), or 2^(64 - variant) near 0.
+def _difference_scale(bound: jax.Array, known: float | None, acc: Any) -> jax.Array:
+    """The scale for ``x * s - bound * s``: 2^-17, or 2^64 near 0.
 
     With ``|bound| >= 2^-60``, a nonzero difference stays above 2^-115, a normal number, and an
     entry so small that ``x * s`` underflows lies on the same side of the bound as 0 does.
@@ -420,7 +424,7 @@ def _difference_scale(bound: jax.Array, known: float | None, variant: int, acc: 
     bound as a Python number where the spec gives one (either scale is exact for a bound that
     rounding to the leaf's dtype moves across 2^-60, which is representable).
     """
-    usual, near_zero = 2.0 ** -(17 + variant), 2.0 ** (64 - variant)
+    usual, near_zero = 2.0**-17, 2.0**64
     if known is not None:
         return jnp.asarray(near_zero if abs(known) < _TINY_BOUND else usual, acc)
     return jnp.where(jnp.abs(bound) < _TINY_BOUND, near_zero, usual).astype(acc)
@@ -431,7 +435,7 @@ def _count_outside(
     lo: jax.Array,
     hi: jax.Array,
     known: tuple[float | None, float | None],
-    variant: int,
+    unit: jax.Array,
 ) -> jax.Array:
     """The number of entries of ``x`` below ``lo`` or above ``hi``, as a float32 scalar.
 
@@ -440,52 +444,49 @@ def _count_outside(
     exactly when ``gap > 0``, and ``sign(gap) + |sign(gap)|`` is 2 there and 0 elsewhere. An
     entry that overflows to +-inf when scaled still lies on the correct side. A NaN entry makes
     the count NaN. ``known`` holds (lo, hi) as Python numbers where the spec gives them.
+    ``unit`` is a runtime 1 (see _VARIANTS above).
     """
     acc = accumulation_dtype(x.dtype)
     values = x.astype(acc)
-    up = _difference_scale(hi, known[1], variant, acc)
-    down = _difference_scale(lo, known[0], variant, acc)
+    up = _difference_scale(hi, known[1], acc) * unit.astype(acc)
+    down = _difference_scale(lo, known[0], acc) * unit.astype(acc)
     gap = jnp.maximum(values * up - hi.astype(acc) * up, lo.astype(acc) * down - values * down)
     side = jnp.sign(gap)
     return jnp.sum(side + jnp.abs(side), dtype=jnp.float32) / 2
 
 
-def _capped_magnitude(x: jax.Array, cap: jax.Array, known: float | None, variant: int) -> jax.Array:
+def _capped_magnitude(x: jax.Array, cap: jax.Array, unit: jax.Array) -> jax.Array:
     """``min(|x|, cap)``, the magnitude of ``jnp.clip(x, -cap, cap)``, in float32 (or float64).
 
-    Computed as ``min(|x| * t, cap * t) / t`` with ``t = 2^(1 + variant)``, which is exact.
-    ``t = 1`` where ``cap`` is not known as a Python number (``known``), is infinite, or
-    ``cap * t`` could overflow (with a factor 2 to spare for the rounding of ``cap`` to the
-    leaf's dtype).
+    ``cap`` is taken times ``unit``, a runtime 1 (see _VARIANTS above).
     """
     acc = accumulation_dtype(x.dtype)
-    scale = 2.0 ** (1 + variant)
-    # An infinite cap is not scaled either: an entry whose scaled magnitude overflows would
-    # come back as inf, where min(|x|, inf) is |x|.
-    if (
-        known is None
-        or not math.isfinite(known)
-        or 2 * abs(known) * scale > float(jnp.finfo(acc).max)
-    ):
-        scale = 1.0
-    return jnp.minimum(jnp.abs(x.astype(acc)) * scale, cap.astype(acc) * scale) * (1 / scale)
+    return jnp.minimum(jnp.abs(x.astype(acc)), cap.astype(acc) * unit.astype(acc))
 
 
 def _value_terms(
-    lo: jax.Array, hi: jax.Array, known_lo: float | None, known_hi: float | None, symmetric: bool
+    lo: jax.Array,
+    hi: jax.Array,
+    known_lo: float | None,
+    known_hi: float | None,
+    symmetric: bool,
+    units: jax.Array,
 ) -> tuple[Any, Any]:
-    """The count term and the clamp (for the post-clip norm) of one pair of bounds."""
+    """The count term and the clamp (for the post-clip norm) of one pair of bounds.
+
+    ``units``: ``_VARIANTS`` runtime ones (see _VARIANTS above).
+    """
 
     def count(x: jax.Array, twin: int) -> jax.Array:
-        return _count_outside(x, lo, hi, (known_lo, known_hi), twin % _VARIANTS)
+        return _count_outside(x, lo, hi, (known_lo, known_hi), units[twin % _VARIANTS])
 
     def capped(x: jax.Array, twin: int) -> jax.Array:
-        return _capped_magnitude(x, hi, known_hi, twin % _VARIANTS)
+        return _capped_magnitude(x, hi, units[twin % _VARIANTS])
 
     def clamp(x: jax.Array, twin: int) -> jax.Array:
-        # XLA:CPU writes these clamped arrays out before it reduces them.
-        del twin
-        return jnp.clip(x, lo, hi)
+        acc = accumulation_dtype(x.dtype)
+        unit = units[twin % _VARIANTS].astype(acc)
+        return jnp.minimum(jnp.maximum(x.astype(acc), lo.astype(acc) * unit), hi.astype(acc) * unit)
 
     return count, capped if symmetric else clamp
 
@@ -600,6 +601,11 @@ def clip_by_value(
             if lower is None
             else lower.known_per_leaf(updates)
         )
+        # Runtime ones for the statistics (see _VARIANTS). The conditional behind them (XLA:CPU
+        # only) reads the last step's norm, a runtime value.
+        units = computed_once(
+            lambda _: jnp.ones((_VARIANTS,), jnp.float32), None, state.stats.pre_clip_norm
+        )
         clamped, counts, clamps = [], [], []
         # One count term and one clamp per distinct (dtype, lo, hi), shared by the leaves with
         # those bounds (as the same object), so that the statistics reduce the concatenations
@@ -621,7 +627,7 @@ def clip_by_value(
             else:
                 key = (x.dtype, id(lo) if known_lo is None else known_lo, hi_key)
             if key not in shared:
-                shared[key] = _value_terms(lo_x, hi_x, known_lo, known_hi, symmetric)
+                shared[key] = _value_terms(lo_x, hi_x, known_lo, known_hi, symmetric, units)
             count_term, clamp = shared[key]
             counts.append(count_term)
             clamps.append(clamp)

@@ -3,6 +3,8 @@ partition and Orbax checkpoints."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -241,8 +243,9 @@ def test_scale_factors_reach_the_leaves_computed_not_recomputed_in_each_kernel(m
         lambda: optaxclip.clip_by_leaf_norm(1.0),
         lambda: optaxclip.adagc(),
         lambda: optaxclip.adaptive_grad_clip(0.01),
+        lambda: optaxclip.clip_by_value(1.0),
     ],
-    ids=["global", "leaf", "adagc", "agc"],
+    ids=["global", "leaf", "adagc", "agc", "value"],
 )
 def test_conditionals_that_only_serve_xla_cpu_are_not_lowered_for_gpus(make):
     # The scale factors are computed under a conditional on CPU (see
@@ -285,3 +288,66 @@ def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(ma
         return compiled.as_text().count(" reduce(")
 
     assert reductions(40) == reductions(20)
+
+
+def _full_size_arrays_computed(step, args):
+    """How many arrays of a leaf's shape the compiled step computes at its top level (CPU).
+
+    Parameters and reinterpretations (bitcasts) excluded: the outputs, and any full-size
+    temporary XLA writes out beside them.
+    """
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+    entry = text[text.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}\n")]
+    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(args[0])}
+    return sum(
+        1
+        for line in entry.splitlines()[1:]
+        if "parameter(" not in line
+        and " bitcast(" not in line
+        and any(re.search(rf"= \w+\[{shape}\]", line) for shape in shapes)
+    )
+
+
+@pytest.mark.parametrize(
+    ("max_delta", "min_delta"),
+    [
+        (0.3, None),
+        (0.5, None),
+        (2.0, None),
+        (0.7, -0.3),
+        (0.5, -0.5),
+        (optax.linear_schedule(1.0, 0.5, 10), None),
+    ],
+    ids=["0.3", "0.5", "2.0", "asymmetric", "asymmetric_equal", "scheduled"],
+)
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained"])
+def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, min_delta, chained):
+    # XLA merges equal computations, and XLA:CPU writes out in full an array that a
+    # reduction's fusion shares with another fusion. The statistics used to broadcast scalars
+    # equal to a bound or to each other (0.5 is also a halving, 2.0 a doubling; the scheduled
+    # bound; the asymmetric clamp), and a full-size array was then written and read on every
+    # step: twice the time of clip_by_value(0.3) on one 64M leaf. The reference is a plain
+    # clamp (optax.clip), which computes no statistics: the compiled step must compute no more
+    # leaf-sized arrays than the plain clamp's. Three leaves of one shape, too large to be
+    # joined, are reduced one by one.
+    grads = [jnp.ones((512, 512), jnp.float32) for _ in range(3)]
+    ours = optaxclip.clip_by_value(max_delta, min_delta)
+    lo = -0.5 if min_delta is None else min_delta
+    hi = 0.5 if callable(max_delta) else max_delta
+    if min_delta is None:
+        lo = -hi
+    plain = optax.stateless(lambda g, p=None: jax.tree.map(lambda x: jnp.clip(x, lo, hi), g))
+
+    def count(tx):
+        if chained:
+            tx = optax.chain(tx, optax.adam(1e-3))
+
+            def step(g, s, p):
+                u, s = tx.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            return _full_size_arrays_computed(step, (grads, tx.init(grads), grads))
+        return _full_size_arrays_computed(tx.update, (grads, tx.init(grads)))
+
+    assert count(ours) == count(plain)
