@@ -406,9 +406,9 @@ def clip_by_block_rms(
 # a reduction that halves). So the statistics are arithmetic only, and every scalar they
 # broadcast is multiplied by a unit of its own: an entry of a vector of ones that XLA cannot
 # see as constants (``_numerics.computed_once``), picked by the reduced array's twin index (see
-# _numerics.Transform). The clamps of the output broadcast their bounds as constants, which no
-# statistic then shares.
-_VARIANTS = 16
+# _numerics.Transform; one unit per leaf, so that no two twins share one). The clamps of the
+# output broadcast their bounds as constants, which no statistic then shares.
+
 # Differences with a bound below this are computed at a larger scale, so that they stay normal
 # numbers (XLA:CPU flushes subnormal results to 0).
 _TINY_BOUND = 2.0**-60
@@ -444,7 +444,7 @@ def _count_outside(
     exactly when ``gap > 0``, and ``sign(gap) + |sign(gap)|`` is 2 there and 0 elsewhere. An
     entry that overflows to +-inf when scaled still lies on the correct side. A NaN entry makes
     the count NaN. ``known`` holds (lo, hi) as Python numbers where the spec gives them.
-    ``unit`` is a runtime 1 (see _VARIANTS above).
+    ``unit`` is a runtime 1 (see the section comment above).
     """
     acc = accumulation_dtype(x.dtype)
     values = x.astype(acc)
@@ -458,7 +458,7 @@ def _count_outside(
 def _capped_magnitude(x: jax.Array, cap: jax.Array, unit: jax.Array) -> jax.Array:
     """``min(|x|, cap)``, the magnitude of ``jnp.clip(x, -cap, cap)``, in float32 (or float64).
 
-    ``cap`` is taken times ``unit``, a runtime 1 (see _VARIANTS above).
+    ``cap`` is taken times ``unit``, a runtime 1 (see the section comment above).
     """
     acc = accumulation_dtype(x.dtype)
     return jnp.minimum(jnp.abs(x.astype(acc)), cap.astype(acc) * unit.astype(acc))
@@ -474,18 +474,18 @@ def _value_terms(
 ) -> tuple[Any, Any]:
     """The count term and the clamp (for the post-clip norm) of one pair of bounds.
 
-    ``units``: ``_VARIANTS`` runtime ones (see _VARIANTS above).
+    ``units``: runtime ones, one per twin index (see the section comment above).
     """
 
     def count(x: jax.Array, twin: int) -> jax.Array:
-        return _count_outside(x, lo, hi, (known_lo, known_hi), units[twin % _VARIANTS])
+        return _count_outside(x, lo, hi, (known_lo, known_hi), units[twin])
 
     def capped(x: jax.Array, twin: int) -> jax.Array:
-        return _capped_magnitude(x, hi, units[twin % _VARIANTS])
+        return _capped_magnitude(x, hi, units[twin])
 
     def clamp(x: jax.Array, twin: int) -> jax.Array:
         acc = accumulation_dtype(x.dtype)
-        unit = units[twin % _VARIANTS].astype(acc)
+        unit = units[twin].astype(acc)
         return jnp.minimum(jnp.maximum(x.astype(acc), lo.astype(acc) * unit), hi.astype(acc) * unit)
 
     return count, capped if symmetric else clamp
@@ -601,10 +601,13 @@ def clip_by_value(
             if lower is None
             else lower.known_per_leaf(updates)
         )
-        # Runtime ones for the statistics (see _VARIANTS). The conditional behind them (XLA:CPU
+        # Runtime ones for the statistics, one per possible twin index (at most one per leaf;
+        # see the comment on clip_by_value's statistics). The conditional behind them (XLA:CPU
         # only) reads the last step's norm, a runtime value.
         units = computed_once(
-            lambda _: jnp.ones((_VARIANTS,), jnp.float32), None, state.stats.pre_clip_norm
+            lambda _: jnp.ones((max(len(leaves), 1),), jnp.float32),
+            None,
+            state.stats.pre_clip_norm,
         )
         clamped, counts, clamps = [], [], []
         # One count term and one clamp per distinct (dtype, lo, hi), shared by the leaves with

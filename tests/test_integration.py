@@ -329,9 +329,10 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
     # bound; the asymmetric clamp), and a full-size array was then written and read on every
     # step: twice the time of clip_by_value(0.3) on one 64M leaf. The reference is a plain
     # clamp (optax.clip), which computes no statistics: the compiled step must compute no more
-    # leaf-sized arrays than the plain clamp's. Three leaves of one shape, too large to be
-    # joined, are reduced one by one.
-    grads = [jnp.ones((512, 512), jnp.float32) for _ in range(3)]
+    # leaf-sized arrays than the plain clamp's. Twenty leaves of one shape, too large to be
+    # joined, are reduced one by one: more than the 16 scaled variants the statistics once
+    # cycled through, whose 17th leaf shared the 1st one's scalars.
+    grads = [jnp.ones((256, 512), jnp.float32) for _ in range(20)]
     ours = optaxclip.clip_by_value(max_delta, min_delta)
     lo = -0.5 if min_delta is None else min_delta
     hi = 0.5 if callable(max_delta) else max_delta
