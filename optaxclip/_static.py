@@ -405,9 +405,11 @@ def clip_by_block_rms(
 # equal bounds, or a scalar of one that happens to equal a scalar of another (a clamp to 0.5 and
 # a reduction that halves). So the statistics are arithmetic only, and every scalar they
 # broadcast is multiplied by a unit of its own: an entry of a vector of ones that XLA cannot
-# see as constants (``_numerics.computed_once``), picked by the reduced array's twin index (see
-# _numerics.Transform; one unit per leaf, so that no two twins share one). The clamps of the
-# output broadcast their bounds as constants, which no statistic then shares.
+# see as constants (``_numerics.computed_once``), picked by the statistic and by the reduced
+# array's twin index (see _numerics.Transform): one pair per leaf, so that no two twins share a
+# unit, nor the count and the post-clip norm of one array (the count's scale 2^-17 equals a
+# bound of 2^-17). The clamps of the output broadcast their bounds as constants, which no
+# statistic then shares.
 
 # Differences with a bound below this are computed at a larger scale, so that they stay normal
 # numbers (XLA:CPU flushes subnormal results to 0).
@@ -474,18 +476,19 @@ def _value_terms(
 ) -> tuple[Any, Any]:
     """The count term and the clamp (for the post-clip norm) of one pair of bounds.
 
-    ``units``: runtime ones, one per twin index (see the section comment above).
+    ``units``: runtime ones, two per twin index: the count takes ``units[2 * twin]``, the
+    post-clip norm ``units[2 * twin + 1]`` (see the section comment above).
     """
 
     def count(x: jax.Array, twin: int) -> jax.Array:
-        return _count_outside(x, lo, hi, (known_lo, known_hi), units[twin])
+        return _count_outside(x, lo, hi, (known_lo, known_hi), units[2 * twin])
 
     def capped(x: jax.Array, twin: int) -> jax.Array:
-        return _capped_magnitude(x, hi, units[twin])
+        return _capped_magnitude(x, hi, units[2 * twin + 1])
 
     def clamp(x: jax.Array, twin: int) -> jax.Array:
         acc = accumulation_dtype(x.dtype)
-        unit = units[twin].astype(acc)
+        unit = units[2 * twin + 1].astype(acc)
         return jnp.minimum(jnp.maximum(x.astype(acc), lo.astype(acc) * unit), hi.astype(acc) * unit)
 
     return count, capped if symmetric else clamp
@@ -601,11 +604,11 @@ def clip_by_value(
             if lower is None
             else lower.known_per_leaf(updates)
         )
-        # Runtime ones for the statistics, one per possible twin index (at most one per leaf;
-        # see the comment on clip_by_value's statistics). The conditional behind them (XLA:CPU
-        # only) reads the last step's norm, a runtime value.
+        # Runtime ones for the statistics, two per possible twin index (a twin index is below
+        # the number of leaves; see the comment on clip_by_value's statistics). The conditional
+        # behind them (XLA:CPU only) reads the last step's norm, a runtime value.
         units = computed_once(
-            lambda _: jnp.ones((max(len(leaves), 1),), jnp.float32),
+            lambda _: jnp.ones((2 * max(len(leaves), 1),), jnp.float32),
             None,
             state.stats.pre_clip_norm,
         )
