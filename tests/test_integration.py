@@ -318,8 +318,9 @@ def _full_size_arrays_computed(step, args):
         (0.7, -0.3),
         (0.5, -0.5),
         (optax.linear_schedule(1.0, 0.5, 10), None),
+        (2.0**-17, None),
     ],
-    ids=["0.3", "0.5", "2.0", "asymmetric", "asymmetric_equal", "scheduled"],
+    ids=["0.3", "0.5", "2.0", "asymmetric", "asymmetric_equal", "scheduled", "2^-17"],
 )
 @pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained"])
 def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, min_delta, chained):
@@ -331,7 +332,8 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
     # clamp (optax.clip), which computes no statistics: the compiled step must compute no more
     # leaf-sized arrays than the plain clamp's. Twenty leaves of one shape, too large to be
     # joined, are reduced one by one: more than the 16 scaled variants the statistics once
-    # cycled through, whose 17th leaf shared the 1st one's scalars.
+    # cycled through, whose 17th leaf shared the 1st one's scalars. A bound of 2^-17 is the
+    # scale of the count's differences, once shared with the post-clip norm's.
     grads = [jnp.ones((256, 512), jnp.float32) for _ in range(20)]
     ours = optaxclip.clip_by_value(max_delta, min_delta)
     lo = -0.5 if min_delta is None else min_delta
@@ -352,3 +354,59 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
         return _full_size_arrays_computed(tx.update, (grads, tx.init(grads)))
 
     assert count(ours) == count(plain)
+
+
+def _leaf_sized_loops(step, args):
+    """How many loops over a leaf-sized array the compiled step runs (CPU), in any computation.
+
+    Each fused kernel of the compiled program is a computation of its own; those with a
+    parameter or result of a leaf's shape each read or write a leaf-sized array once.
+    """
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(args[0])}
+    signatures = re.findall(r"^%fused\S* \((.*)\) -> (.*) \{$", text, re.M)
+    return sum(
+        1
+        for params, result in signatures
+        if any(re.search(rf"\w+\[{shape}\]", params + result) for shape in shapes)
+    )
+
+
+@pytest.mark.parametrize(
+    ("make_adaptive", "make_static"),
+    [
+        (lambda: optaxclip.autoclip(10.0), lambda: optaxclip.clip_by_global_norm(1.0)),
+        (lambda: optaxclip.zclip(warmup_steps=2), lambda: optaxclip.clip_by_global_norm(1.0)),
+        (lambda: optaxclip.quantile_clip(), lambda: optaxclip.clip_by_global_norm(1.0)),
+        (lambda: optaxclip.adagc(warmup_steps=2), lambda: optaxclip.clip_by_leaf_norm(1.0)),
+    ],
+    ids=["autoclip", "zclip", "quantile_clip", "adagc"],
+)
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained"])
+def test_adaptive_clippers_add_no_leaf_sized_work_to_their_static_counterpart(
+    make_adaptive, make_static, chained
+):
+    # An adaptive clipper sets its threshold from scalars (the norm's history), so its cost
+    # beyond the static clip it builds on (the global clip; the per-leaf clip for AdaGC's
+    # per-tensor thresholds) is scalar work: it must read and write the leaves no more
+    # often. Counted on the compiled program (leaf-sized loops and leaf-sized arrays written
+    # at the top level), float32 and bfloat16 leaves too large to be joined.
+    grads = [jnp.ones((256, 512), dtype) for dtype in (jnp.float32, jnp.bfloat16) for _ in range(3)]
+
+    def counts(tx):
+        if chained:
+            tx = optax.chain(tx, optax.adam(1e-3))
+
+            def step(g, s, p):
+                u, s = tx.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            args = (grads, tx.init(grads), grads)
+        else:
+            step, args = tx.update, (grads, tx.init(grads))
+        return _leaf_sized_loops(step, args), _full_size_arrays_computed(step, args)
+
+    adaptive_loops, adaptive_arrays = counts(make_adaptive())
+    static_loops, static_arrays = counts(make_static())
+    assert adaptive_loops <= static_loops
+    assert adaptive_arrays <= static_arrays
