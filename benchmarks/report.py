@@ -120,7 +120,13 @@ def steps_tables(records: list[dict[str, Any]], section: str = "steps") -> str:
     refs = bandwidth_refs(records)
     parts = []
     for tree in _trees(records, section):
-        rows = [r for r in records if r["section"] == section and r["tree"] == tree]
+        rows = [
+            r
+            for r in records
+            if r["section"] == section and r["tree"] == tree and r.get("mode") != "paired"
+        ]
+        if not rows:  # only the comparisons timed in alternation (--paired-only)
+            continue
         summary = next((r["tree_summary"] for r in rows if r.get("tree_summary")), tree)
         opt_name = next((r["optimizer"] for r in rows if r.get("optimizer")), "adam")
         opt = idx.get((tree, None, "optimizer"))
@@ -415,15 +421,23 @@ def targets_table(records: list[dict[str, Any]]) -> str:
                         "{:+.1%}",
                     )
                 )
+            adaptive_families = ("autoclip", "zclip", "adagc", "quantile_clip")
             adaptive = [
                 r
                 for r in records
                 if r["section"] == section
                 and r.get("tree") == tree
-                and r.get("family") in ("autoclip", "zclip", "adagc", "quantile_clip")
+                and r.get("family") in adaptive_families
                 and r.get("status") == "ok"
                 and r["mode"] in ("clip", "chain")
             ]
+            if not adaptive:  # --paired-only: the members of the alternated groups
+                adaptive = [
+                    m
+                    for group in (pchain, pclip)
+                    for m in group.values()
+                    if m.get("family") in adaptive_families and m.get("status") == "ok"
+                ]
             for r in adaptive:
                 paired = pchain if r["mode"] == "chain" else pclip
                 if paired and (r["method"], r["mode"]) in paired:
@@ -541,7 +555,8 @@ def render(results: dict[str, Any]) -> str:
         f"{_load(meta.get('loadavg_end'))}. Command: `{meta.get('command', '?')}`.",
         f"Protocol: median of {meta.get('reps', '?')} timed calls after "
         f"{meta.get('warmup', '?')} warm-up calls (and one untimed first call), buffers donated "
-        "and fed back. GB/s use the byte model; in parentheses, as a fraction of the read+write "
+        f"and fed back; the comparisons timed in alternation take the median of "
+        f"{meta.get('paired_reps', meta.get('reps', '?'))} rounds. GB/s use the byte model; in parentheses, as a fraction of the read+write "
         "and of the read-only reference bandwidth measured in the same run.",
         "",
     ]

@@ -60,6 +60,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trees", default=None, help=f"comma list of {','.join(TREES)}")
     p.add_argument("--methods", default=None, help="comma list of method families (default all)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per case (default 21)")
+    p.add_argument(
+        "--paired-reps",
+        type=int,
+        default=None,
+        help="rounds of the comparisons timed in alternation (default 61)",
+    )
+    p.add_argument(
+        "--paired-only",
+        action="store_true",
+        help="in the steps/gpu sections, time only the comparisons behind the targets",
+    )
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 2)")
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default 16)")
     p.add_argument("--small-leaves", type=int, default=None, help="leaves of many_small (2000)")
@@ -103,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults: dict[str, Any] = {
         "scale": 1.0,
         "reps": 21,
+        "paired_reps": 61,
         "warmup": 2,
         "layers": 16,
         "small_leaves": 2000,
@@ -118,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         defaults.update(
             scale=0.02,
             reps=5,
+            paired_reps=5,
             warmup=1,
             layers=2,
             small_leaves=48,
@@ -138,6 +151,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.paired_reps < 1:
+        p.error(f"--paired-reps must be at least 1, got {args.paired_reps}")
+    if args.paired_only and args.no_paired:
+        p.error("--paired-only and --no-paired leave nothing to time in the steps section")
     return args
 
 
@@ -176,6 +193,7 @@ class Suite:
             "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "reps": args.reps,
+            "paired_reps": args.paired_reps,
             "warmup": args.warmup,
             "scale": args.scale,
             "args": {k: v for k, v in vars(args).items() if k != "worker"},
@@ -260,13 +278,15 @@ class Suite:
                 "common": {"section": section},
                 "cases": cases,
             }
-            log(f"{section}: tree {tree} (scale {scale:g}), {len(cases)} cases")
-            self._run(job, a.case_timeout)
+            if not a.paired_only:
+                log(f"{section}: tree {tree} (scale {scale:g}), {len(cases)} cases")
+                self._run(job, a.case_timeout)
             if not a.no_paired:
                 groups = self._paired_groups(chosen, opt, section)
                 if groups:
                     log(f"{section}: tree {tree}, interleaved comparisons")
-                    self._run({**job, "kind": "paired", "cases": groups}, a.case_timeout)
+                    paired = {**job, "kind": "paired", "cases": groups, "reps": a.paired_reps}
+                    self._run(paired, a.case_timeout)
 
     @staticmethod
     def _paired_groups(chosen: list[Any], opt: str, section: str) -> list[dict[str, Any]]:
