@@ -133,11 +133,25 @@ def multiply(leaf: jax.Array, scale: jax.Array, coarse: jax.Array | None = None)
     Low precision goes through float32.
     """
     if leaf.dtype in (jnp.float16, jnp.bfloat16):
-        wide = leaf.astype(jnp.float32)
+        wide = lax.convert_element_type(leaf, jnp.float32)
         if coarse is not None:
-            wide = wide * coarse.astype(jnp.float32)
-        return (wide * scale.astype(jnp.float32)).astype(leaf.dtype)
-    real = jnp.finfo(leaf.dtype).dtype
+            wide = _times(wide, coarse)
+        return lax.convert_element_type(_times(wide, scale), leaf.dtype)
     if coarse is not None:
-        leaf = leaf * coarse.astype(real)
-    return leaf * scale.astype(real)
+        leaf = _times(leaf, coarse)
+    return _times(leaf, scale)
+
+
+def _times(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """``x * factor`` for a scalar ``factor``, taken in the real dtype of ``x``.
+
+    Bound as lax primitives for real leaves: the same program as ``jnp.multiply``, without
+    its per-call dispatch, which a clip pays once or twice per leaf (about a tenth of a
+    second of tracing at 2000 leaves).
+    """
+    real = jnp.finfo(x.dtype).dtype
+    if factor.dtype != real:
+        factor = lax.convert_element_type(factor, real)
+    if x.dtype != real:  # complex leaves: jnp's promotion
+        return x * factor
+    return lax.mul(x, factor)

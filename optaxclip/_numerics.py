@@ -372,7 +372,10 @@ def _buckets(
     joined: dict[tuple[Any, int], tuple[Transform | None, list[jax.Array]]] = {}
 
     def join(parts: list[jax.Array]) -> jax.Array:
-        return parts[0] if len(parts) == 1 else jnp.concatenate([x.ravel() for x in parts])
+        if len(parts) == 1:
+            return parts[0]
+        # lax rather than jnp: the same program, without jnp's per-call dispatch on every leaf.
+        return lax.concatenate([lax.reshape(x, (x.size,)) for x in parts], 0)
 
     for x, transform in zip(leaves, transforms, strict=True):
         if x.size == 0:
