@@ -132,6 +132,33 @@ def bare_clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def scale_from_one_entry() -> optax.GradientTransformation:
+    """``g * s`` with ``s`` computed from one entry of the first leaf: not a clip.
+
+    The least any clip adds to a step: one runtime scalar handed to every leaf (and, chained,
+    to each of the optimizer's kernels), and no read of the gradient. Its compile time is the
+    floor of what a clip chained with Adam can compile in.
+    """
+
+    def init_fn(params: Any) -> optax.EmptyState:
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        leaves, treedef = jax.tree.flatten(updates)
+        first = leaves[0].ravel()[0].astype(jnp.float32)
+        scale = 1 / (1 + jnp.abs(first))
+        out = [(x.astype(jnp.float32) * scale).astype(x.dtype) for x in leaves]
+        return jax.tree.unflatten(treedef, out), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# Cases the compile section runs with the global family whatever --compile-libraries says.
+COMPILE_REFERENCES = ("variant:scale_floor",)
+
+
 # --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
@@ -183,6 +210,15 @@ def all_methods() -> list[Method]:
         1,
         False,
         lambda spec: bare_clip_by_global_norm(1.0),
+    )
+    add(
+        "variant:scale_floor",
+        "global",
+        "variant",
+        "g*s, s from one entry (no norm: the floor of any clip)",
+        0,
+        False,
+        lambda spec: scale_from_one_entry(),
     )
     add(
         "optax:global",

@@ -537,6 +537,12 @@ def _compile_targets(cidx: dict[tuple, dict[str, Any]], leaves: list[int]) -> li
                 out.append(
                     f"| {target} | {n} leaves | chain {chain_txt}, adam {adam_txt} | **not met** |"
                 )
+            floor_s, _ = _compile_value(cidx.get(("variant:scale_floor", "chain", n)))
+            if floor_s is not None and adam_s is not None:
+                out.append(
+                    "| reference: chain(g*s, s from one entry, adam), the floor of any clip "
+                    f"| {n} leaves | {floor_s / adam_s:.2f}x adam's | - |"
+                )
     return out
 
 
@@ -555,9 +561,10 @@ def render(results: dict[str, Any]) -> str:
         f"{_load(meta.get('loadavg_end'))}. Command: `{meta.get('command', '?')}`.",
         f"Protocol: median of {meta.get('reps', '?')} timed calls after "
         f"{meta.get('warmup', '?')} warm-up calls (and one untimed first call), buffers donated "
-        f"and fed back; the comparisons timed in alternation take the median of "
-        f"{meta.get('paired_reps', meta.get('reps', '?'))} rounds. GB/s use the byte model; in parentheses, as a fraction of the read+write "
-        "and of the read-only reference bandwidth measured in the same run.",
+        "and fed back; the comparisons timed in alternation take the median of "
+        f"{meta.get('paired_reps', meta.get('reps', '?'))} rounds. GB/s use the byte model; in "
+        "parentheses, as a fraction of the read+write and of the read-only reference bandwidth "
+        "measured in the same run.",
         "",
     ]
     targets = targets_table(records)

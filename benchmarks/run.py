@@ -365,7 +365,11 @@ class Suite:
         leaves = [int(x) for x in a.compile_leaves.split(",") if x.strip()]
         families = _families(a.compile_methods) or _families(a.methods)
         libraries = {x.strip() for x in a.compile_libraries.split(",") if x.strip()}
-        chosen = [m for m in methods.select_methods(families) if m.library in libraries]
+        chosen = [
+            m
+            for m in methods.select_methods(families)
+            if m.library in libraries or m.key in methods.COMPILE_REFERENCES
+        ]
         cases: list[dict[str, Any]] = [
             {"id": "optimizer", "method": None, "mode": "optimizer", "label": "optax.adam + apply"}
         ]
