@@ -203,6 +203,15 @@ def all_methods() -> list[Method]:
         lambda spec: clip_by_global_norm_without_stats(1.0),
     )
     add(
+        "variant:global_again",
+        "global",
+        "variant",
+        "same clip again (A/A control)",
+        1,
+        False,
+        lambda spec: optaxclip.clip_by_global_norm(1.0),
+    )
+    add(
         "variant:global_bare",
         "global",
         "variant",

@@ -421,6 +421,17 @@ def targets_table(records: list[dict[str, Any]]) -> str:
                         "{:+.1%}",
                     )
                 )
+            for mode, paired in (("chain", pchain), ("clip", pclip)):
+                again = _ratio(
+                    _median(paired.get(("variant:global_again", mode))),
+                    _median(paired.get(("optaxclip:global", mode))),
+                )
+                if again is not None:
+                    out.append(
+                        f"| A/A control: the same clip timed twice ({mode}); its distance from 1 "
+                        f"is this run's noise | {section}/{tree} [alternating] | {again:.3f}x "
+                        "| - |"
+                    )
             adaptive_families = ("autoclip", "zclip", "adagc", "quantile_clip")
             adaptive = [
                 r

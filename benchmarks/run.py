@@ -300,7 +300,8 @@ class Suite:
         keys = [m.key for m in chosen]
         wanted = ["optaxclip:global", "variant:global_nostats"]
         if section != "gpu":
-            wanted += ["variant:global_bare"]
+            # The A/A control (the same clip, compiled and timed again) shows the run's noise.
+            wanted += ["variant:global_again", "variant:global_bare"]
         wanted += [m.key for m in chosen if m.family in methods.ADAPTIVE_FAMILIES]
         present = [k for k in wanted if k in keys]
         if "optaxclip:global" not in present:
