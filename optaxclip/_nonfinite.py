@@ -146,8 +146,8 @@ def _times(x: jax.Array, factor: jax.Array) -> jax.Array:
     """``x * factor`` for a scalar ``factor``, taken in the real dtype of ``x``.
 
     Bound as lax primitives for real leaves: the same program as ``jnp.multiply``, without
-    its per-call dispatch, which a clip pays once or twice per leaf (about a tenth of a
-    second of tracing at 2000 leaves).
+    its per-call dispatch, which a clip pays once or twice per leaf (with the concatenations
+    of ``_numerics._buckets``, 0.07 s of a 0.34 s trace at 2000 leaves).
     """
     real = jnp.finfo(x.dtype).dtype
     if factor.dtype != real:
