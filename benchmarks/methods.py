@@ -140,19 +140,13 @@ def scale_from_one_entry() -> optax.GradientTransformation:
     floor of what a clip chained with Adam can compile in.
     """
 
-    def init_fn(params: Any) -> optax.EmptyState:
+    def scaled(updates: Any, params: Any = None) -> Any:
         del params
-        return optax.EmptyState()
-
-    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        leaves, treedef = jax.tree.flatten(updates)
-        first = leaves[0].ravel()[0].astype(jnp.float32)
+        first = jax.tree.leaves(updates)[0].ravel()[0].astype(jnp.float32)
         scale = 1 / (1 + jnp.abs(first))
-        out = [(x.astype(jnp.float32) * scale).astype(x.dtype) for x in leaves]
-        return jax.tree.unflatten(treedef, out), state
+        return jax.tree.map(lambda x: (x.astype(jnp.float32) * scale).astype(x.dtype), updates)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.stateless(scaled)
 
 
 # Cases the compile section runs with the global family whatever --compile-libraries says.

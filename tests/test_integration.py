@@ -290,6 +290,19 @@ def test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each(ma
     assert reductions(40) == reductions(20)
 
 
+def _step_and_args(tx, grads, chained):
+    """``tx.update`` alone, or ``chain(tx, adam)`` + apply_updates, with its arguments."""
+    if not chained:
+        return tx.update, (grads, tx.init(grads))
+    tx = optax.chain(tx, optax.adam(1e-3))
+
+    def step(g, s, p):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    return step, (grads, tx.init(grads), grads)
+
+
 def _full_size_arrays_computed(step, args):
     """How many arrays of a leaf's shape the compiled step computes at its top level (CPU).
 
@@ -343,15 +356,7 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
     plain = optax.stateless(lambda g, p=None: jax.tree.map(lambda x: jnp.clip(x, lo, hi), g))
 
     def count(tx):
-        if chained:
-            tx = optax.chain(tx, optax.adam(1e-3))
-
-            def step(g, s, p):
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s
-
-            return _full_size_arrays_computed(step, (grads, tx.init(grads), grads))
-        return _full_size_arrays_computed(tx.update, (grads, tx.init(grads)))
+        return _full_size_arrays_computed(*_step_and_args(tx, grads, chained))
 
     assert count(ours) == count(plain)
 
@@ -394,16 +399,7 @@ def test_adaptive_clippers_add_no_leaf_sized_work_to_their_static_counterpart(
     grads = [jnp.ones((256, 512), dtype) for dtype in (jnp.float32, jnp.bfloat16) for _ in range(3)]
 
     def counts(tx):
-        if chained:
-            tx = optax.chain(tx, optax.adam(1e-3))
-
-            def step(g, s, p):
-                u, s = tx.update(g, s, p)
-                return optax.apply_updates(p, u), s
-
-            args = (grads, tx.init(grads), grads)
-        else:
-            step, args = tx.update, (grads, tx.init(grads))
+        step, args = _step_and_args(tx, grads, chained)
         return _leaf_sized_loops(step, args), _full_size_arrays_computed(step, args)
 
     adaptive_loops, adaptive_arrays = counts(make_adaptive())
