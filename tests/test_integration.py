@@ -303,16 +303,21 @@ def _step_and_args(tx, grads, chained):
     return step, (grads, tx.init(grads), grads)
 
 
-def _full_size_arrays_computed(step, args):
-    """How many arrays of a leaf's shape the compiled step computes at its top level (CPU).
+def _compiled(step, args):
+    """The compiled step's HLO text (CPU, first two arguments donated) and its leaves' shapes."""
+    text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
+    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(args[0])}
+    return text, shapes
+
+
+def _full_size_arrays_computed(text, shapes):
+    """How many arrays of a leaf's shape the compiled step computes at its top level.
 
     Parameters and reinterpretations (bitcasts) excluded: the outputs, and any full-size
     temporary XLA writes out beside them.
     """
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
     entry = text[text.index("\nENTRY") :]
     entry = entry[: entry.index("\n}\n")]
-    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(args[0])}
     return sum(
         1
         for line in entry.splitlines()[1:]
@@ -356,19 +361,17 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
     plain = optax.stateless(lambda g, p=None: jax.tree.map(lambda x: jnp.clip(x, lo, hi), g))
 
     def count(tx):
-        return _full_size_arrays_computed(*_step_and_args(tx, grads, chained))
+        return _full_size_arrays_computed(*_compiled(*_step_and_args(tx, grads, chained)))
 
     assert count(ours) == count(plain)
 
 
-def _leaf_sized_loops(step, args):
-    """How many loops over a leaf-sized array the compiled step runs (CPU), in any computation.
+def _leaf_sized_loops(text, shapes):
+    """How many loops over a leaf-sized array the compiled step runs, in any computation.
 
     Each fused kernel of the compiled program is a computation of its own; those with a
     parameter or result of a leaf's shape each read or write a leaf-sized array once.
     """
-    text = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile().as_text()
-    shapes = {",".join(map(str, x.shape)) for x in jax.tree_util.tree_leaves(args[0])}
     signatures = re.findall(r"^%fused\S* \((.*)\) -> (.*) \{$", text, re.M)
     return sum(
         1
@@ -399,8 +402,8 @@ def test_adaptive_clippers_add_no_leaf_sized_work_to_their_static_counterpart(
     grads = [jnp.ones((256, 512), dtype) for dtype in (jnp.float32, jnp.bfloat16) for _ in range(3)]
 
     def counts(tx):
-        step, args = _step_and_args(tx, grads, chained)
-        return _leaf_sized_loops(step, args), _full_size_arrays_computed(step, args)
+        compiled = _compiled(*_step_and_args(tx, grads, chained))
+        return _leaf_sized_loops(*compiled), _full_size_arrays_computed(*compiled)
 
     adaptive_loops, adaptive_arrays = counts(make_adaptive())
     static_loops, static_arrays = counts(make_static())
