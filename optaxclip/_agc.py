@@ -35,6 +35,7 @@ from optaxclip._numerics import (
     _Budget,
     _can_join,
     accumulation_dtype,
+    behind_barriers,
     computed_once,
     norm_of_leaves,
     rescale_divisor,
@@ -379,7 +380,10 @@ def unit_norms(
     across them. The rescue decision is shared across ``block.agree`` (every axis the leaves
     are split along), so that all devices take the same branch.
     """
-    inputs = [_block_array(block, arrays, axes) for block in blocks]
+    # Read through a barrier: the gradients' output multiply (or, for the weights, the
+    # optimizer that follows) converts the same fp16/bf16 leaves, and a conversion shared
+    # with a reduction is written out in full (see behind_barriers).
+    inputs = [behind_barriers(_block_array(block, arrays, axes), 1) for block in blocks]
     reduced = [axes[b.members[0][0]] if b.axis is None else (b.axis,) for b in blocks]
 
     def flat(value: jax.Array, block: _Block) -> jax.Array:

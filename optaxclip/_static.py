@@ -644,8 +644,8 @@ def clip_by_value(
         # measuring the output instead would give it a second consumer besides the
         # optimizer that follows, and XLA would then write it out in full (and copy the
         # optimizer state) rather than fuse the clamp into the optimizer's update.
-        post_if_finite = norm_of_leaves(leaves, 2.0, leaf_axes, transforms=clamps)
-        n_clipped = sum_of_leaves(leaves, leaf_axes, counts)
+        post_if_finite = norm_of_leaves(leaves, 2.0, leaf_axes, transforms=clamps, view=1)
+        n_clipped = sum_of_leaves(leaves, leaf_axes, counts, view=2)
         # Each clamp may be written over its (donated) input, so every reduction reading that
         # input must run first; ``ready`` ties them in (a count is never negative, and NaN only
         # when the norm is not finite either). Without this, XLA copies every leaf first.
