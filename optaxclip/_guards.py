@@ -15,7 +15,7 @@ import optax
 from jax import lax
 
 from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._numerics import norm_of_leaves
+from optaxclip._numerics import accumulation_dtype, norm_of_leaves, sum_of_leaves
 from optaxclip._static import flatten_updates
 from optaxclip._validation import check_count, check_positive, normalize_ord
 
@@ -45,6 +45,35 @@ def _loss_is_finite(extra_args: dict[str, Any]) -> jax.Array:
     if loss is None:
         return jnp.asarray(True)
     return jnp.all(jnp.isfinite(jnp.asarray(loss)))
+
+
+def _times_zero(x: jax.Array, twin: int) -> jax.Array:
+    """The sum of ``x * 0``: 0 when every entry of ``x`` is finite, NaN otherwise."""
+    del twin
+    acc = accumulation_dtype(x.dtype)
+    if jnp.iscomplexobj(x):
+        return jnp.sum(jnp.real(x).astype(acc) * 0 + jnp.imag(x).astype(acc) * 0)
+    return jnp.sum(x.astype(acc) * 0)
+
+
+# The reductions of one step that read the same fp16/bf16 gradient must each read it through
+# barriers of their own depth (see _numerics.behind_barriers); clip_by_value's take 0 to 2.
+_FINITE_CHECK_VIEW = 3
+
+
+def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
+    """Whether every entry of every leaf is finite, on every device along ``axes``.
+
+    One plain sum over the leaves (``x * 0`` is NaN exactly for NaN and +-Inf), with small
+    leaves joined as a norm joins them: per leaf, ``all(isfinite(x))`` wrote each leaf's flags
+    out in full on XLA:CPU and added a loop per leaf to the program.
+    """
+    if not leaves:
+        return jnp.asarray(True)
+    total = sum_of_leaves(
+        leaves, [axes] * len(leaves), [_times_zero] * len(leaves), view=_FINITE_CHECK_VIEW
+    )
+    return total == 0
 
 
 def _zeros_like_type(x: jax.ShapeDtypeStruct) -> jax.Array:
@@ -178,11 +207,7 @@ def skip_nonfinite(
         updates: Any, state: SkipNonfiniteState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, SkipNonfiniteState]:
         leaves = jax.tree_util.tree_leaves(updates)
-        finite = _loss_is_finite(extra_args)
-        for leaf in leaves:
-            finite = finite & jnp.all(jnp.isfinite(leaf))
-        if axes:
-            finite = lax.pmin(finite.astype(jnp.int32), axes).astype(bool)
+        finite = _loss_is_finite(extra_args) & _all_finite(leaves, axes)
         consecutive = jnp.where(finite, 0, _increment(state.consecutive_errors, ~finite))
         give_up = ~finite & (consecutive > limit) if limit is not None else jnp.asarray(False)
         new_updates, inner_state = _guarded_update(

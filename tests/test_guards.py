@@ -18,6 +18,8 @@ from conftest import (
     same_bits,
     step_slices,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
@@ -173,6 +175,52 @@ def test_axis_name_makes_every_shard_skip_when_one_shard_holds_nan():
     outs, states = run_scan(sharded, grads)
     assert np.all(outs["w"][0] != 0) and np.all(outs["w"][1] == 0)
     np.testing.assert_array_equal(states.total_errors[1], [1, 1])
+
+
+_CHECK_SHAPES = ((300, 300), (7,), (3, 4), ())  # the first too large to be joined
+_CHECK_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64)
+
+
+@functools.cache
+def _guarded_sgd_update(dtype):
+    del dtype  # one compiled step per dtype (the cache key)
+    guard = optaxclip.skip_nonfinite(optax.sgd(1.0))
+    return guard, jax.jit(guard.update)
+
+
+@given(
+    dtype=st.sampled_from(_CHECK_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+    bad=st.sampled_from([None, np.nan, np.inf, -np.inf]),
+    leaf=st.integers(0, len(_CHECK_SHAPES) - 1),
+    position=st.floats(0, 1, exclude_max=True),
+    imaginary=st.booleans(),
+)
+def test_nonfinite_check_flags_exactly_the_gradients_numpy_finds_nonfinite(
+    dtype, seed, bad, leaf, position, imaginary
+):
+    # The check reads every leaf (large ones in place, small ones joined) and must find one
+    # NaN or Inf anywhere, in the real or the imaginary part, while the largest finite
+    # values of the dtype, zeros and subnormals count as finite.
+    rng = np.random.default_rng(seed)
+    top = float(jnp.finfo(dtype).max)
+    grads = []
+    for shape in _CHECK_SHAPES:
+        values = rng.choice([0.0, 1.0, -top, top, 1e-40, -3.5], size=shape) * rng.random(shape)
+        values = values.astype(np.complex128) if dtype == jnp.complex64 else values
+        if dtype == jnp.complex64:
+            values = values + 1j * rng.choice([0.0, top, -2.0], size=shape)
+        grads.append(values)
+    if bad is not None:
+        target = grads[leaf].reshape(-1)
+        i = int(position * target.size)
+        target[i] = complex(target[i].real, bad) if imaginary and dtype == jnp.complex64 else bad
+    tree = [jnp.asarray(g, dtype) for g in grads]
+    expected_finite = all(np.all(np.isfinite(np.asarray(x).astype(np.complex128))) for x in tree)
+    guard, update = _guarded_sgd_update(jnp.dtype(dtype))
+    out, state = update(tree, guard.init(tree))
+    assert bool(state.last_finite) == expected_finite
+    assert all(np.all(np.asarray(o) == 0) for o in out) != expected_finite
 
 
 # -------------------------------------------------------------------------------- skip_spikes

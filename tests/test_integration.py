@@ -472,3 +472,19 @@ def test_bfloat16_leaves_are_never_copied_to_float32(make, needs_params, chained
     }
     text, _ = _compiled(*_step_and_args(make(), grads, chained, needs_params))
     assert _float32_arrays_of_size(text, 256 * 512) == []
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_nonfinite_guard_writes_no_leaf_sized_flags_or_float32_copies(dtype):
+    # skip_nonfinite's check is a plain sum over the leaves: per leaf, all(isfinite(x))
+    # wrote each leaf's flags out in full on XLA:CPU. On bfloat16 it must also convert the
+    # leaves apart from the clip inside it, which reduces the same leaves.
+    grads = [jnp.ones((256, 512), dtype) for _ in range(3)]
+    tx = optaxclip.skip_nonfinite(optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3)))
+    text, _ = _compiled(*_step_and_args(tx, grads, chained=False, needs_params=True))
+    entry = text[text.index("\nENTRY") :]
+    assert not re.search(r"= pred\[256,512\]", entry)
+    if dtype == jnp.bfloat16:
+        # (The zeros a skipped step returns are a broadcast constant, not a copy.)
+        copies = _float32_arrays_of_size(text, 256 * 512)
+        assert [line for line in copies if "fusion(%constant" not in line] == []
