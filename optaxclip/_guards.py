@@ -57,7 +57,10 @@ def _times_zero(x: jax.Array, twin: int) -> jax.Array:
 
 
 # The reductions of one step that read the same fp16/bf16 gradient must each read it through
-# barriers of their own depth (see _numerics.behind_barriers); clip_by_value's take 0 to 2.
+# barriers of their own depth (see _numerics.behind_barriers): norm_of_leaves takes 0 (a
+# global_norm of the gradient logged in the same step, a clip outside the guard) and
+# clip_by_value's statistics 0 to 2. (The inner update runs inside the guard's conditional,
+# apart from the check.)
 _FINITE_CHECK_VIEW = 3
 
 

@@ -315,14 +315,19 @@ def _compiled(step, args):
     return text, shapes
 
 
+def _entry(text):
+    """The compiled program's entry computation (its top level), as HLO text."""
+    entry = text[text.index("\nENTRY") :]
+    return entry[: entry.index("\n}\n")]
+
+
 def _full_size_arrays_computed(text, shapes):
     """How many arrays of a leaf's shape the compiled step computes at its top level.
 
     Parameters and reinterpretations (bitcasts) excluded: the outputs, and any full-size
     temporary XLA writes out beside them.
     """
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}\n")]
+    entry = _entry(text)
     return sum(
         1
         for line in entry.splitlines()[1:]
@@ -418,8 +423,7 @@ def test_adaptive_clippers_add_no_leaf_sized_work_to_their_static_counterpart(
 
 def _float32_arrays_of_size(text, size):
     """The float32 arrays of at least ``size`` entries the compiled step computes at top level."""
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}\n")]
+    entry = _entry(text)
     found = []
     for line in entry.splitlines()[1:]:
         match = re.search(r"= f32\[([\d,]*)\]", line)
@@ -482,9 +486,24 @@ def test_nonfinite_guard_writes_no_leaf_sized_flags_or_float32_copies(dtype):
     grads = [jnp.ones((256, 512), dtype) for _ in range(3)]
     tx = optaxclip.skip_nonfinite(optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3)))
     text, _ = _compiled(*_step_and_args(tx, grads, chained=False, needs_params=True))
-    entry = text[text.index("\nENTRY") :]
-    assert not re.search(r"= pred\[256,512\]", entry)
+    assert not re.search(r"= pred\[256,512\]", _entry(text))
     if dtype == jnp.bfloat16:
         # (The zeros a skipped step returns are a broadcast constant, not a copy.)
         copies = _float32_arrays_of_size(text, 256 * 512)
         assert [line for line in copies if "fusion(%constant" not in line] == []
+
+
+def test_nonfinite_guard_beside_a_logged_global_norm_makes_no_float32_copy():
+    # A step that also logs global_norm(grads) reduces the same bfloat16 leaves outside the
+    # guard's conditional, in the same computation as the guard's check: the two must convert
+    # the leaves apart (see _numerics.behind_barriers), or XLA:CPU writes out a float32 copy.
+    grads = [jnp.ones((256, 512), jnp.bfloat16) for _ in range(3)]
+    tx = optaxclip.skip_nonfinite(optax.adam(1e-3))
+
+    def step(g, s, p):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, optaxclip.global_norm(g)
+
+    text, _ = _compiled(step, (grads, tx.init(grads), grads))
+    copies = _float32_arrays_of_size(text, 256 * 512)
+    assert [line for line in copies if "fusion(%constant" not in line] == []
