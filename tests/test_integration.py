@@ -507,3 +507,59 @@ def test_nonfinite_guard_beside_a_logged_global_norm_makes_no_float32_copy():
     text, _ = _compiled(step, (grads, tx.init(grads), grads))
     copies = _float32_arrays_of_size(text, 256 * 512)
     assert [line for line in copies if "fusion(%constant" not in line] == []
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [optaxclip.global_norm, optaxclip.leaf_norms],
+    ids=["global_norm", "leaf_norms"],
+)
+def test_a_norm_logged_beside_adam_writes_no_leaf_sized_array(norm):
+    # A step that logs the gradient's norm beside Adam squares each entry twice in the same
+    # program: the norm's g * g and Adam's second moment. XLA merged the two and XLA:CPU
+    # wrote the squares out in full, a leaf-sized array for each leaf on every step (2.3-2.5x
+    # Adam's step on one 64M leaf). Logging the norm must add no leaf-sized array to the
+    # program Adam alone compiles to. Large leaves (reduced in place) and small ones (joined).
+    grads = {
+        "large": [jnp.ones((256, 512), jnp.float32) for _ in range(3)],
+        "small": [jnp.ones((64, 64), jnp.float32) for _ in range(3)],
+    }
+    tx = optax.adam(1e-3)
+
+    def adam_step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def logged_step(p, s, g):
+        return (*adam_step(p, s, g), norm(g))
+
+    # Parameters and state donated, as in a training step (the gradient is not).
+    args = (jax.tree.map(jnp.zeros_like, grads), tx.init(grads), grads)
+    assert _full_size_arrays_computed(*_compiled(logged_step, args)) == (
+        _full_size_arrays_computed(*_compiled(adam_step, args))
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_a_global_norm_logged_beside_the_global_clip_is_computed_once(dtype):
+    # The clip's norm and a global_norm(grads) logged in the same step read the leaves the
+    # same way, so XLA computes the norm once: logging it adds no loop over a leaf and no
+    # reduction to chain(clip_by_global_norm, adam).
+    grads = {
+        "large": [jnp.ones((256, 512), dtype) for _ in range(3)],
+        "small": [jnp.ones((64, 64), dtype) for _ in range(3)],
+    }
+    tx = optax.chain(optaxclip.clip_by_global_norm(1.0), optax.adam(1e-3))
+
+    def step(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    def logged_step(p, s, g):
+        return (*step(p, s, g), optaxclip.global_norm(g))
+
+    def counts(fn):
+        text, shapes = _compiled(fn, (jax.tree.map(jnp.zeros_like, grads), tx.init(grads), grads))
+        return _leaf_sized_loops(text, shapes), text.count(" reduce(")
+
+    assert counts(logged_step) == counts(step)
