@@ -149,6 +149,26 @@ def scale_from_one_entry() -> optax.GradientTransformation:
     return optax.stateless(scaled)
 
 
+def norm_beside(norm: Callable[[Any], Any] = optaxclip.global_norm) -> optax.GradientTransformation:
+    """The gradient passed on unchanged, its global norm kept in the state: not a clip.
+
+    Chained with Adam this is a step that logs the gradient's norm beside Adam, and Adam plus
+    one read of the gradient that Adam does not wait for: the least time any clip that needs
+    the norm can take on the machine (XLA may even run the two side by side). The global
+    clip's target is judged against it. ``norm``: ``optaxclip.global_norm`` or Optax's.
+    """
+
+    def init_fn(params: Any) -> jax.Array:
+        del params
+        return jnp.zeros((), jnp.float32)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del state, params
+        return updates, jnp.asarray(norm(updates), jnp.float32)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 # Cases the compile section runs with the global family whatever --compile-libraries says.
 COMPILE_REFERENCES = ("variant:scale_floor",)
 
@@ -213,6 +233,24 @@ def all_methods() -> list[Method]:
         1,
         False,
         lambda spec: bare_clip_by_global_norm(1.0),
+    )
+    add(
+        "variant:norm_beside",
+        "global",
+        "variant",
+        "g unchanged, its norm stored beside (the floor of a norm-based clip)",
+        1,
+        False,
+        lambda spec: norm_beside(),
+    )
+    add(
+        "variant:optax_norm_beside",
+        "global",
+        "variant",
+        "g unchanged, optax.global_norm stored beside",
+        1,
+        False,
+        lambda spec: norm_beside(optax.global_norm),
     )
     add(
         "variant:scale_floor",

@@ -401,6 +401,13 @@ def targets_table(records: list[dict[str, Any]]) -> str:
                     "{:.3f}x",
                 )
             )
+            floor = _ratio(_median(pchain.get(("variant:norm_beside", "chain"))), opt)
+            if floor is not None:
+                out.append(
+                    f"| floor: {opt_name} with the global norm read beside it, not waited for "
+                    f"(no norm-based clip can be faster) | {section}/{tree} [alternating] "
+                    f"| {floor:.3f}x | - |"
+                )
             for mode in ("chain", "clip"):
                 paired = pchain if mode == "chain" else pclip
                 source = paired or {

@@ -302,6 +302,10 @@ class Suite:
         if section != "gpu":
             # The A/A control (the same clip, compiled and timed again) shows the run's noise.
             wanted += ["variant:global_again", "variant:global_bare"]
+            # A step that logs our norm beside Adam: the floor of any norm-based clip. (Optax's
+            # norm beside Adam writes the squares out, and its page faults would slow the next
+            # member; it is timed on its own with the other cases.)
+            wanted += ["variant:norm_beside"]
         wanted += [m.key for m in chosen if m.family in methods.ADAPTIVE_FAMILIES]
         present = [k for k in wanted if k in keys]
         if "optaxclip:global" not in present:
@@ -326,7 +330,12 @@ class Suite:
         # about 50,000 page faults a call on bfloat16 trees, and they slowed the member after
         # it in the rotation (ClipStats then showed +96% in bf16, against +0-4% timed
         # without it).
-        clip = [member(k, "clip") for k in present if k != "variant:global_bare"]
+        # A norm stored beside is a reference for the chain only: alone it writes nothing.
+        clip = [
+            member(k, "clip")
+            for k in present
+            if k not in ("variant:global_bare", "variant:norm_beside")
+        ]
         return [
             {"id": "paired-chain", "group": "chain", "members": chain},
             {"id": "paired-clip", "group": "clip", "members": clip},
