@@ -360,7 +360,7 @@ def _read_in_place(x: jax.Array) -> jax.Array:
     leaf are the very squares Adam computes for its second moment when the same step also
     updates with that leaf, as a step that logs ``global_norm(grads)`` beside Adam does: XLA
     wrote the squares of every large leaf out in full, and the step took 2.3-2.5x Adam's time
-    (1.16x with the barrier). Two reductions of ours read the same barrier, so a logged
+    (1.2x with the barrier). Two reductions of ours read the same barrier, so a logged
     ``global_norm`` and a clip's norm are still computed once. Joined leaves need none (their
     reduction squares the concatenation), nor fp16/bf16 ones, which ``_shield_low_precision``
     has already put behind one.
