@@ -47,6 +47,14 @@ def _loss_is_finite(extra_args: dict[str, Any]) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.asarray(loss)))
 
 
+# The reductions of one step that read the same fp16/bf16 gradient must each read it through
+# barriers of their own depth (see _numerics.behind_barriers): norm_of_leaves takes 0 (a
+# global_norm of the gradient logged in the same step, a clip outside the guard) and
+# clip_by_value's statistics 0 to 2. (The inner update runs inside the guard's conditional,
+# apart from the check.)
+_FINITE_CHECK_VIEW = 3
+
+
 def _times_zero(x: jax.Array, twin: int) -> jax.Array:
     """The sum of ``x * 0``: 0 when every entry of ``x`` is finite, NaN otherwise."""
     del twin
@@ -56,27 +64,29 @@ def _times_zero(x: jax.Array, twin: int) -> jax.Array:
     return jnp.sum(x.astype(acc) * 0)
 
 
-# The reductions of one step that read the same fp16/bf16 gradient must each read it through
-# barriers of their own depth (see _numerics.behind_barriers): norm_of_leaves takes 0 (a
-# global_norm of the gradient logged in the same step, a clip outside the guard) and
-# clip_by_value's statistics 0 to 2. (The inner update runs inside the guard's conditional,
-# apart from the check.)
-_FINITE_CHECK_VIEW = 3
-
-
 def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
     """Whether every entry of every leaf is finite, on every device along ``axes``.
 
-    One plain sum over the leaves (``x * 0`` is NaN exactly for NaN and +-Inf), with small
-    leaves joined as a norm joins them: per leaf, ``all(isfinite(x))`` wrote each leaf's flags
-    out in full on XLA:CPU and added a loop per leaf to the program.
+    First the leaves' 2-norm, computed as every norm of ours is: finite entries give a finite
+    norm unless the norm itself passes the float32 range, and a NaN or an infinity never
+    does. Only when it is not finite, a conditional sums ``x * 0`` over the leaves (0 exactly
+    when every entry is finite, NaN otherwise), so that a tree of huge but finite values is
+    not taken for a non-finite one. The norm is the one reduction XLA:CPU reads without extra
+    work in a training step: with the gradient computed in the same program, the sum of
+    ``x * 0`` faulted in a second leaf-sized block of pages on every call (a guarded Adam step
+    took 1.8x Adam's time on one 64M leaf, 1.4x with the norm first), and per leaf,
+    ``all(isfinite(x))`` writes each leaf's flags out in full.
     """
     if not leaves:
         return jnp.asarray(True)
-    total = sum_of_leaves(
-        leaves, [axes] * len(leaves), [_times_zero] * len(leaves), view=_FINITE_CHECK_VIEW
-    )
-    return total == 0
+    n = len(leaves)
+    norm = norm_of_leaves(leaves, 2.0, [axes] * n, view=_FINITE_CHECK_VIEW)
+
+    def exact(operands: list[jax.Array]) -> jax.Array:
+        total = sum_of_leaves(operands, [axes] * n, [_times_zero] * n, view=_FINITE_CHECK_VIEW)
+        return total == 0
+
+    return lax.cond(jnp.isfinite(norm), lambda _: jnp.asarray(True), exact, leaves)
 
 
 def _zeros_like_type(x: jax.ShapeDtypeStruct) -> jax.Array:

@@ -188,6 +188,27 @@ def _guarded_sgd_update(dtype):
     return guard, jax.jit(guard.update)
 
 
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf], ids=["finite", "nan", "inf"])
+def test_finite_gradient_whose_norm_passes_the_float32_range_is_applied(bad):
+    # The check takes the gradient's norm first and looks at every entry only when the norm
+    # is not finite: finite entries whose norm passes float32's largest value (here about
+    # 1.9e40) must still count as finite, and a NaN or Inf among them must still be found.
+    grads = [np.full((100, 100), 3e38, np.float32), np.full((7,), -3e38, np.float32)]
+    if bad is not None:
+        grads[0][37, 11] = bad
+    tree = [jnp.asarray(g) for g in grads]
+    guard = optaxclip.skip_nonfinite(optax.sgd(1.0))
+    out, state = jax.jit(guard.update)(tree, guard.init(tree))
+    expected_finite = all(np.all(np.isfinite(g)) for g in grads)
+    assert bool(state.last_finite) == expected_finite
+    if expected_finite:
+        norm = np.linalg.norm(np.concatenate([g.ravel() for g in grads]).astype(np.float64))
+        assert norm > np.finfo(np.float32).max  # the case this test is about
+        np.testing.assert_array_equal(np.asarray(out[0]), -grads[0])
+    else:
+        assert all(np.all(np.asarray(o) == 0) for o in out)
+
+
 @given(
     dtype=st.sampled_from(_CHECK_DTYPES),
     seed=st.integers(0, 2**31 - 1),
