@@ -67,9 +67,9 @@ def _times_zero(x: jax.Array, twin: int) -> jax.Array:
 def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
     """Whether every entry of every leaf is finite, on every device along ``axes``.
 
-    First the leaves' 2-norm, computed as every norm of ours is: finite entries give a finite
-    norm unless the norm itself passes the float32 range, and a NaN or an infinity never
-    does. Only when it is not finite, a conditional sums ``x * 0`` over the leaves (0 exactly
+    First the leaves' 2-norm, computed as every norm of ours is: a NaN or an infinity makes
+    it non-finite, and finite entries do so only when the norm itself passes the float32
+    range. Only when it is not finite, a conditional sums ``x * 0`` over the leaves (0 exactly
     when every entry is finite, NaN otherwise), so that a tree of huge but finite values is
     not taken for a non-finite one. The norm is the one reduction XLA:CPU reads without extra
     work in a training step: with the gradient computed in the same program, the sum of
@@ -80,13 +80,16 @@ def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
     if not leaves:
         return jnp.asarray(True)
     n = len(leaves)
-    norm = norm_of_leaves(leaves, 2.0, [axes] * n, view=_FINITE_CHECK_VIEW)
+    finite = jnp.isfinite(norm_of_leaves(leaves, 2.0, [axes] * n, view=_FINITE_CHECK_VIEW))
 
     def exact(operands: list[jax.Array]) -> jax.Array:
         total = sum_of_leaves(operands, [axes] * n, [_times_zero] * n, view=_FINITE_CHECK_VIEW)
         return total == 0
 
-    return lax.cond(jnp.isfinite(norm), lambda _: jnp.asarray(True), exact, leaves)
+    # The first branch returns ``finite`` itself (True there), not a constant: inside
+    # shard_map without axis_name the decision varies along the leaves' axes, and both
+    # branches must carry the same device-variance type.
+    return lax.cond(finite, lambda _: finite, exact, leaves)
 
 
 def _zeros_like_type(x: jax.ShapeDtypeStruct) -> jax.Array:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -375,6 +376,24 @@ def test_outputs_and_stats_keep_each_leafs_device_types_in_shard_map(dtype: Any)
         out_types, stat_types = trace_in_shard_map(types, grads, specs, mesh)
         assert out_types == {"w": {"model"}, "b": set(), "s": set()}
         assert all(v == set() for v in stat_types.values()), stat_types
+
+
+@pytest.mark.parametrize("axis_name", [None, "model"], ids=["per_device", "shared"])
+def test_nonfinite_guard_traces_in_shard_map_with_and_without_axis_name(axis_name: Any) -> None:
+    # Without axis_name each device decides on its own shard, so the decision varies along
+    # the axis the leaves are split on; with it, every device takes the same one. Both
+    # branches of the guard's check must carry the same device-variance type (check_vma).
+    mesh = one_device_mesh("model")
+    grads = {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}
+    specs = {"w": P(None, "model"), "b": P("model")}
+    tx = optaxclip.skip_nonfinite(optax.sgd(1.0), axis_name=axis_name)
+
+    def decision_type(t: Any) -> set[str]:
+        _, state = tx.update(t, tx.init(t))
+        return set(_manual_axis_types(state.last_finite).varying)
+
+    varying = trace_in_shard_map(decision_type, grads, specs, mesh)
+    assert varying == (set() if axis_name else {"model"})
 
 
 def test_without_vma_types_every_leaf_is_taken_as_split_along_all_axes() -> None:
