@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
-from optaxclip._layout import (
+from optaxclip._spec.layout import (
     _manual_axis_types,
     leaf_dim_axes,
     leaf_reduction_axes,

@@ -24,8 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
-from optaxclip import _numerics
-from optaxclip._numerics import combine_norms, safe_divide, safe_root
+from optaxclip._numerics import reductions as _numerics
+from optaxclip._numerics.reductions import combine_norms, safe_divide, safe_root
 
 # Op by op: see conftest.eager_ops (the jit tests below switch jit back on explicitly).
 pytestmark = pytest.mark.usefixtures("eager_ops")

@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
-from optaxclip._stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
 
 pytestmark = pytest.mark.usefixtures("eager_ops")
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import ref_leaf_norm, ref_rms, to_f64
 
 import optaxclip
-from optaxclip._thresholds import Threshold
+from optaxclip._spec.thresholds import Threshold
 
 pytestmark = pytest.mark.usefixtures("eager_ops")
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import optaxclip
-from optaxclip._validation import (
+from optaxclip._spec.validation import (
     check_number,
     is_concrete_number,
     normalize_ord,

@@ -30,8 +30,8 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes
-from optaxclip._validation import check_float_leaves, normalize_ord
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes
+from optaxclip._spec.validation import check_float_leaves, normalize_ord
 
 # Below this sum of squares float32 squares have lost bits to the subnormal range.
 _TINY_SUM_OF_SQUARES = 2.0**-96
@@ -689,7 +689,7 @@ def global_norm(
       layout: with ``axis_name``, how each leaf is laid out: a PartitionSpec (or a prefix
         pytree of them, or ``(path, leaf) -> spec``) naming the axes the leaf is split along;
         leaves replicated along an axis are counted once, not once per device. See
-        :mod:`optaxclip._layout`.
+        :mod:`optaxclip._spec.layout`.
 
     Returns:
       A float32 scalar (float64 if any leaf is float64).

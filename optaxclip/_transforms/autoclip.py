@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._numerics import norm_of_leaves
-from optaxclip._static import check_params, clip_to_global_norm, flatten_updates
-from optaxclip._stats import ClipStats, initial_stats
-from optaxclip._validation import (
+from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._spec.stats import ClipStats, initial_stats
+from optaxclip._spec.validation import (
     check_count,
     check_name,
     check_nonfinite,
@@ -20,6 +19,7 @@ from optaxclip._validation import (
     is_concrete_number,
     normalize_ord,
 )
+from optaxclip._transforms.static import check_params, clip_to_global_norm, flatten_updates
 
 
 class AutoClipState(NamedTuple):

@@ -15,15 +15,14 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._nonfinite import (
+from optaxclip._engine.nonfinite import (
     factors_under_policy,
     finite_for_leaves,
     raise_if_nonfinite,
     scale_leaves,
     select_leaves,
 )
-from optaxclip._numerics import (
+from optaxclip._numerics.reductions import (
     accumulation_dtype,
     combine_norms,
     computed_once,
@@ -36,9 +35,10 @@ from optaxclip._numerics import (
     sum_across_devices,
     sum_of_leaves,
 )
-from optaxclip._stats import ClipStats, initial_stats, make_stats
-from optaxclip._thresholds import Threshold, ThresholdLike
-from optaxclip._validation import (
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.thresholds import Threshold, ThresholdLike
+from optaxclip._spec.validation import (
     check_float_leaves,
     check_name,
     check_nonfinite,
@@ -153,13 +153,13 @@ def clip_by_global_norm(
       ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or any real
         p >= 1.
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._nonfinite`. The default passes a NaN/Inf gradient through unscaled so
+        :mod:`optaxclip._engine.nonfinite`. The default passes a NaN/Inf gradient through unscaled so
         that a downstream guard can skip the step without finite leaves being altered.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is split
         across; the norm is then that of the whole gradient.
       layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of specs or
         ``(path, leaf) -> spec``), so that leaves replicated along an axis are counted once;
-        see :mod:`optaxclip._layout`. Default: inside ``shard_map(check_vma=True)`` read
+        see :mod:`optaxclip._spec.layout`. Default: inside ``shard_map(check_vma=True)`` read
         from JAX's types; elsewhere every leaf is taken as split along all of ``axis_name``.
       name: label for :func:`clip_stats` (default ``"clip_by_global_norm"``).
 

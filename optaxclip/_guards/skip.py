@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._numerics import accumulation_dtype, norm_of_leaves, sum_of_leaves
-from optaxclip._static import flatten_updates
-from optaxclip._validation import check_count, check_positive, normalize_ord
+from optaxclip._numerics.reductions import accumulation_dtype, norm_of_leaves, sum_of_leaves
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._spec.validation import check_count, check_positive, normalize_ord
+from optaxclip._transforms.static import flatten_updates
 
 _INT32_MAX = jnp.iinfo(jnp.int32).max
 

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._numerics import norm_of_leaves, safe_divide
-from optaxclip._static import check_params, clip_to_global_norm, flatten_updates
-from optaxclip._stats import ClipStats, initial_stats
-from optaxclip._validation import (
+from optaxclip._numerics.reductions import norm_of_leaves, safe_divide
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._spec.stats import ClipStats, initial_stats
+from optaxclip._spec.validation import (
     check_count,
     check_name,
     check_nonfinite,
@@ -22,6 +21,7 @@ from optaxclip._validation import (
     check_open_unit,
     check_positive,
 )
+from optaxclip._transforms.static import check_params, clip_to_global_norm, flatten_updates
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -112,7 +112,7 @@ def zclip(
       skip_update_on_spike: if True, spikes do not update the statistics.
       eps: added to ``sigma`` in the z-score denominator (>= 0).
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._nonfinite`.
+        :mod:`optaxclip._engine.nonfinite`.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is split
         across; the norm is then that of the whole gradient.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see

@@ -9,23 +9,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip._layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._nonfinite import (
+from optaxclip._engine.nonfinite import (
     factors_under_policy,
     finite_for_leaves,
     raise_if_nonfinite,
     scale_leaves,
 )
-from optaxclip._numerics import (
+from optaxclip._numerics.reductions import (
     combine_norms,
     computed_once,
     leaf_entries,
     norms_per_leaf,
     shrink_factors,
 )
-from optaxclip._static import check_params, flatten_updates, global_scale
-from optaxclip._stats import ClipStats, initial_stats, make_stats
-from optaxclip._validation import (
+from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.validation import (
     check_count,
     check_name,
     check_nonfinite,
@@ -33,6 +32,7 @@ from optaxclip._validation import (
     check_open_unit,
     check_positive,
 )
+from optaxclip._transforms.static import check_params, flatten_updates, global_scale
 
 
 class AdaGCState(NamedTuple):
@@ -101,7 +101,7 @@ def adagc(
       eps: added to ``n_i`` in the divisor of the per-leaf scale, as in the reference
         (>= 0; 0 gives exact scaling to ``relative_factor * gamma_i``).
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._nonfinite`.
+        :mod:`optaxclip._engine.nonfinite`.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split
         across; each leaf's norm is then that of the whole leaf.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optaxclip._validation import check_number, is_concrete_number, path_str
+from optaxclip._spec.validation import check_number, is_concrete_number, path_str
 
 # What users may pass: a scalar, a schedule ``step -> value``, or for per-leaf clippers a
 # pytree of scalars (matching the gradient tree or a prefix of it) or ``(path, leaf) -> value``.

@@ -16,20 +16,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip._layout import (
-    AxisName,
-    Layout,
-    leaf_dim_axes,
-    leaf_reduction_axes,
-    normalize_axis_names,
-)
-from optaxclip._nonfinite import (
+from optaxclip._engine.nonfinite import (
     factors_under_policy,
     finite_for_leaves,
     raise_if_nonfinite,
     scale_leaves,
 )
-from optaxclip._numerics import (
+from optaxclip._numerics.reductions import (
     _MAX_JOINED,
     _TINY_SUM_OF_SQUARES,
     _Budget,
@@ -45,10 +38,17 @@ from optaxclip._numerics import (
     stack_scalars,
     sum_across_devices,
 )
-from optaxclip._static import check_params, flatten_updates
-from optaxclip._stats import ClipStats, initial_stats, make_stats
-from optaxclip._thresholds import Threshold, ThresholdLike, describe_mismatch
-from optaxclip._validation import check_name, check_nonfinite, check_number, path_str
+from optaxclip._spec.layout import (
+    AxisName,
+    Layout,
+    leaf_dim_axes,
+    leaf_reduction_axes,
+    normalize_axis_names,
+)
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.thresholds import Threshold, ThresholdLike, describe_mismatch
+from optaxclip._spec.validation import check_name, check_nonfinite, check_number, path_str
+from optaxclip._transforms.static import check_params, flatten_updates
 
 UNIT_AXES_PRESETS = ("flax", "equinox", "torch", "whole")
 
@@ -602,7 +602,7 @@ def adaptive_grad_clip(
         Excluded leaves pass through bit for bit and are not part of the stats or of the
         non-finite check.
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, applied to the
-        leaves that are not excluded; see :mod:`optaxclip._nonfinite`.
+        leaves that are not excluded; see :mod:`optaxclip._engine.nonfinite`.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s). Each unit's partial
         sums (gradient and weights) are added across the axes that split one of its reduced
         dimensions (an ``(in, out)`` kernel split along ``in``); along axes that split a unit

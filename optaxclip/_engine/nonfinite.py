@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optaxclip._numerics import stack_scalars
-from optaxclip._validation import path_str
+from optaxclip._numerics.reductions import stack_scalars
+from optaxclip._spec.validation import path_str
 
 
 def raise_if_nonfinite(

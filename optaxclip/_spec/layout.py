@@ -40,7 +40,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from optaxclip._validation import path_str
+from optaxclip._spec.validation import path_str
 
 AxisName = str | tuple[str, ...] | None
 # None | PartitionSpec | NamedSharding | str | tuple[str, ...] | a pytree of those (the gradient

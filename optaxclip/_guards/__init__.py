@@ -1,0 +1,1 @@
+"""Layer 5, guards: wrappers that skip a whole optimizer step."""
