@@ -1,20 +1,29 @@
-"""optaxclip: gradient clipping for JAX/Optax that is exact, fast and reports what it did."""
+"""optaxclip: gradient clipping for JAX/Optax that is exact, fast and reports what it did.
 
-from optaxclip._guards.skip import SkipNonfiniteState, SkipSpikesState, skip_nonfinite, skip_spikes
-from optaxclip._numerics.reductions import global_norm, leaf_norms
-from optaxclip._spec.layout import layout_from_shardings
-from optaxclip._spec.stats import ClipStats, clip_stats
+The package is layered; each layer imports only the ones below it (checked in CI by
+import-linter, see ``pyproject.toml``):
+
+* ``optaxclip._guards``: wrappers that skip a whole optimizer step;
+* ``optaxclip._transforms``: the clippers, one module per family, and the public norms;
+* ``optaxclip._engine``: the clip engine and the non-finite policy every clipper shares;
+* ``optaxclip._numerics``: pure array math and the one reduction engine;
+* ``optaxclip._lowering``: every backend-specific program shape, in one module;
+* ``optaxclip._spec``: Python-side input checks, thresholds, device layouts and stats.
+"""
+
+from optaxclip._guards.nonfinite import SkipNonfiniteState, skip_nonfinite
+from optaxclip._guards.spikes import SkipSpikesState, skip_spikes
+from optaxclip._spec.shardings import layout_from_shardings
+from optaxclip._spec.stats import ClipState, ClipStats, clip_stats
+from optaxclip._spec.units import unit_reduction_axes
 from optaxclip._transforms.adagc import AdaGCState, adagc
-from optaxclip._transforms.agc import AGCState, adaptive_grad_clip, unit_reduction_axes
+from optaxclip._transforms.agc import AGCState, adaptive_grad_clip
 from optaxclip._transforms.autoclip import AutoClipState, autoclip
+from optaxclip._transforms.global_norm import clip_by_global_norm
+from optaxclip._transforms.leaf_norm import clip_by_block_rms, clip_by_leaf_norm
+from optaxclip._transforms.norms import global_norm, leaf_norms
 from optaxclip._transforms.quantile import QuantileClipState, quantile_clip
-from optaxclip._transforms.static import (
-    ClipState,
-    clip_by_block_rms,
-    clip_by_global_norm,
-    clip_by_leaf_norm,
-    clip_by_value,
-)
+from optaxclip._transforms.value import clip_by_value
 from optaxclip._transforms.zclip import ZClipState, zclip
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import pytest
 from conftest import same_bits, to_f64
 
 import optaxclip
-from optaxclip._engine.nonfinite import multiply
+from optaxclip._numerics.arithmetic import multiply
 
 pytestmark = pytest.mark.usefixtures("eager_ops")
 

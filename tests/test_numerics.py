@@ -24,8 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
-from optaxclip._numerics import reductions as _numerics
-from optaxclip._numerics.reductions import combine_norms, safe_divide, safe_root
+from optaxclip import _lowering
+from optaxclip._numerics.arithmetic import combine_norms, safe_divide, safe_root
 
 # Op by op: see conftest.eager_ops (the jit tests below switch jit back on explicitly).
 pytestmark = pytest.mark.usefixtures("eager_ops")
@@ -68,9 +68,9 @@ def test_norms_match_reference_however_leaves_are_batched(tree, p, small, budget
     # the rest one by one. Shrinking both limits
     # makes random trees mix the two paths, in every order, with the rescue pass included.
     with (
-        mock.patch.object(_numerics, "_SMALL_LEAF", small),
-        mock.patch.object(_numerics, "_CONCAT_BYTES", budget),
-        mock.patch.object(_numerics, "_MAX_JOINED", joined),
+        mock.patch.object(_lowering, "_SMALL_LEAF", small),
+        mock.patch.object(_lowering, "_CONCAT_BYTES", budget),
+        mock.patch.object(_lowering, "_MAX_JOINED", joined),
     ):
         norm = optaxclip.global_norm(tree, ord=p)
         norms = optaxclip.leaf_norms(tree, ord=p)
@@ -91,9 +91,9 @@ def test_many_small_leaves_beyond_the_batching_budget_under_jit():
     ]
     with (
         jax.disable_jit(False),
-        mock.patch.object(_numerics, "_SMALL_LEAF", 30),
-        mock.patch.object(_numerics, "_CONCAT_BYTES", 20_000),
-        mock.patch.object(_numerics, "_MAX_JOINED", 100),
+        mock.patch.object(_lowering, "_SMALL_LEAF", 30),
+        mock.patch.object(_lowering, "_CONCAT_BYTES", 20_000),
+        mock.patch.object(_lowering, "_MAX_JOINED", 100),
     ):
         norm = jax.jit(optaxclip.global_norm)(tree)
         norms = jax.jit(optaxclip.leaf_norms)(tree)

@@ -25,133 +25,106 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from optaxclip._numerics.reductions import stack_scalars
-from optaxclip._spec.validation import path_str
+from optaxclip import _lowering as lowering
+from optaxclip._numerics.arithmetic import multiply
+from optaxclip._spec.validation import check_nonfinite, path_str
 
 
-def raise_if_nonfinite(
-    policy: str, finite: jax.Array, paths: Sequence[Any], leaves: Sequence[jax.Array], clipper: str
-) -> None:
-    """Under ``policy == "error"``, raises when ``finite`` is False.
+class NonfinitePolicy:
+    """A validated ``nonfinite=`` argument and everything it decides on a non-finite step.
 
-    Eagerly the ``FloatingPointError`` is raised directly; under ``jit`` it is raised from a
-    device callback and arrives wrapped in a ``JaxRuntimeError`` carrying the same message.
+    Every clipper holds one and asks it, in one place each, what the update, the scale
+    factors and the stats become when the gradient is not finite.
     """
-    if policy != "error" or not leaves:
-        return
-    names = [path_str(p) for p in paths]
 
-    def report(flags: Any) -> None:
-        flags = np.asarray(flags).reshape(-1, len(names)).all(axis=0)
-        if flags.all():
+    __slots__ = ("mode",)
+
+    def __init__(self, mode: Any) -> None:
+        self.mode = check_nonfinite(mode)
+
+    @property
+    def zeroes(self) -> bool:
+        """Whether a non-finite step's update becomes zeros (``"zero"``)."""
+        return self.mode == "zero"
+
+    def raise_if_nonfinite(
+        self, finite: jax.Array, paths: Sequence[Any], leaves: Sequence[jax.Array], clipper: str
+    ) -> None:
+        """Under ``"error"``, raises when ``finite`` is False, naming the first bad leaf.
+
+        Eagerly the ``FloatingPointError`` is raised directly; under ``jit`` it is raised from
+        a device callback and arrives wrapped in a ``JaxRuntimeError`` with the same message.
+        """
+        if self.mode != "error" or not leaves:
             return
-        first = int(np.argmin(flags))
-        raise FloatingPointError(
-            f"{clipper}: the gradient leaf {names[first]} holds NaN or Inf (nonfinite='error'). "
-            f"Use nonfinite='propagate' or wrap the optimizer in optaxclip.skip_nonfinite to "
-            f"skip such steps instead."
-        )
+        names = [path_str(p) for p in paths]
 
-    def flags() -> jax.Array:
-        return stack_scalars([jnp.all(jnp.isfinite(x)) for x in leaves])
+        def report(flags: Any) -> None:
+            flags = np.asarray(flags).reshape(-1, len(names)).all(axis=0)
+            if flags.all():
+                return
+            first = int(np.argmin(flags))
+            raise FloatingPointError(
+                f"{clipper}: the gradient leaf {names[first]} holds NaN or Inf "
+                f"(nonfinite='error'). Use nonfinite='propagate' or wrap the optimizer in "
+                f"optaxclip.skip_nonfinite to skip such steps instead."
+            )
 
-    if not isinstance(finite, jax.core.Tracer):
-        # Outside jit the check can run here, so the FloatingPointError reaches the caller
-        # as itself rather than wrapped in a runtime error from the callback machinery.
-        if not bool(finite):
-            report(flags())
-        return
+        def flags() -> jax.Array:
+            return lowering.stack_against_chain_rewrite([jnp.all(jnp.isfinite(x)) for x in leaves])
 
-    lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, flags()))
+        if not isinstance(finite, jax.core.Tracer):
+            # Outside jit the check runs here, so the FloatingPointError reaches the caller as
+            # itself rather than wrapped in a runtime error from the callback machinery.
+            if not bool(finite):
+                report(flags())
+            return
 
+        lax.cond(finite, lambda: None, lambda: jax.debug.callback(report, flags()))
 
-def factors_under_policy(
-    policy: str, finite: jax.Array, factors: Sequence[jax.Array]
-) -> tuple[jax.Array, ...]:
-    """Scale-factor vectors as the leaves should read them (see ``finite_for_leaves``).
+    def factors(self, finite: jax.Array, factors: Any) -> Any:
+        """Scale factors (a pytree of arrays) as the leaves should read them.
 
-    Except under ``"zero"``, a non-finite step leaves the gradient unscaled: the factors
-    become 1 here, once on each vector, instead of a select on each leaf's factor in
-    ``scale_leaves``. Under ``"zero"`` they are kept and ``scale_leaves`` zeroes the leaves.
-    """
-    if policy == "zero":
-        return tuple(factors)
-    return tuple(jnp.where(finite, f, 1) for f in factors)
+        Except under ``"zero"``, a non-finite step leaves the gradient unscaled: the factors
+        become 1 here, once per vector, rather than a select per leaf in ``scale``. Under
+        ``"zero"`` they are kept and ``scale`` zeroes the leaves.
+        """
+        if self.zeroes:
+            return factors
+        return jax.tree.map(lambda f: jnp.where(finite, f, 1), factors)
 
+    def scale(
+        self,
+        leaves: Sequence[jax.Array],
+        scales: Sequence[jax.Array],
+        finite: jax.Array,
+        coarse: Sequence[jax.Array] | None = None,
+    ) -> list[jax.Array]:
+        """Multiplies each leaf by its factors from ``factors``, applying the policy.
 
-def finite_for_leaves(policy: str, finite: jax.Array) -> jax.Array:
-    """The flag ``scale_leaves`` takes with factors from ``factors_under_policy``."""
-    return finite if policy == "zero" else jnp.asarray(True)
-
-
-def scale_leaves(
-    leaves: Sequence[jax.Array],
-    scales: Sequence[jax.Array],
-    policy: str,
-    finite: jax.Array,
-    coarse: Sequence[jax.Array] | None = None,
-) -> list[jax.Array]:
-    """Multiplies each leaf by its scale, applying the non-finite policy.
-
-    Each output keeps its input dtype. fp16/bf16 leaves are multiplied in float32 and rounded
-    once. A scale of exactly 1 returns the leaf bit for bit. With ``coarse`` (see
-    ``_numerics.shrink_factors``), leaf i is multiplied by ``coarse[i]`` first, then by
-    ``scales[i]``.
-    """
-    factors = list(coarse) if coarse is not None else [None] * len(leaves)
-    if policy == "zero":
+        Each output keeps its input dtype. With ``coarse`` (see ``shrink_factors``), leaf i is
+        multiplied by ``coarse[i]`` first, then by ``scales[i]``.
+        """
+        firsts = list(coarse) if coarse is not None else [None] * len(leaves)
+        if self.zeroes:
+            return [
+                jnp.where(finite, multiply(leaf, scale, first), jnp.zeros_like(leaf))
+                for leaf, scale, first in zip(leaves, scales, firsts, strict=True)
+            ]
+        # Otherwise the factors already read 1 on a non-finite step (see ``factors``).
         return [
-            jnp.where(finite, multiply(leaf, scale, first), jnp.zeros_like(leaf))
-            for leaf, scale, first in zip(leaves, scales, factors, strict=True)
+            multiply(leaf, scale, first)
+            for leaf, scale, first in zip(leaves, scales, firsts, strict=True)
         ]
-    # One select per distinct scale (a global clip passes the same scale for every leaf).
-    kept: dict[int, jax.Array] = {}
 
-    def unless_nonfinite(value: jax.Array) -> jax.Array:
-        if id(value) not in kept:
-            kept[id(value)] = jnp.where(finite, value, 1)
-        return kept[id(value)]
+    def select(
+        self, leaves: Sequence[jax.Array], transformed: Sequence[jax.Array], finite: jax.Array
+    ) -> list[jax.Array]:
+        """Keeps ``transformed`` when finite; otherwise the input (propagate) or zeros (zero)."""
+        if self.zeroes:
+            return [jnp.where(finite, t, jnp.zeros_like(t)) for t in transformed]
+        return [jnp.where(finite, t, x) for x, t in zip(leaves, transformed, strict=True)]
 
-    return [
-        multiply(leaf, unless_nonfinite(scale), None if first is None else unless_nonfinite(first))
-        for leaf, scale, first in zip(leaves, scales, factors, strict=True)
-    ]
-
-
-def select_leaves(
-    leaves: Sequence[jax.Array], transformed: Sequence[jax.Array], policy: str, finite: jax.Array
-) -> list[jax.Array]:
-    """Keeps ``transformed`` when finite; otherwise the input (propagate) or zeros (zero)."""
-    if policy == "zero":
-        return [jnp.where(finite, t, jnp.zeros_like(t)) for t in transformed]
-    return [jnp.where(finite, t, x) for x, t in zip(leaves, transformed, strict=True)]
-
-
-def multiply(leaf: jax.Array, scale: jax.Array, coarse: jax.Array | None = None) -> jax.Array:
-    """``leaf * scale`` (``(leaf * coarse) * scale`` with ``coarse``) in the leaf's dtype.
-
-    Low precision goes through float32.
-    """
-    if leaf.dtype in (jnp.float16, jnp.bfloat16):
-        wide = lax.convert_element_type(leaf, jnp.float32)
-        if coarse is not None:
-            wide = _times(wide, coarse)
-        return lax.convert_element_type(_times(wide, scale), leaf.dtype)
-    if coarse is not None:
-        leaf = _times(leaf, coarse)
-    return _times(leaf, scale)
-
-
-def _times(x: jax.Array, factor: jax.Array) -> jax.Array:
-    """``x * factor`` for a scalar ``factor``, taken in the real dtype of ``x``.
-
-    Bound as lax primitives for real leaves: the same program as ``jnp.multiply``, without
-    its per-call dispatch, which a clip pays once or twice per leaf (with the concatenations
-    of ``_numerics._buckets``, 0.07 s of a 0.34 s trace at 2000 leaves).
-    """
-    real = jnp.finfo(x.dtype).dtype
-    if factor.dtype != real:
-        factor = lax.convert_element_type(factor, real)
-    if x.dtype != real:  # complex leaves: jnp's promotion
-        return x * factor
-    return lax.mul(x, factor)
+    def report(self, finite: jax.Array, value: Any, *, if_zeroed: Any, if_passed: Any) -> jax.Array:
+        """A stat: ``value`` on a finite step, else what it is when zeroed or passed through."""
+        return jnp.where(finite, value, if_zeroed if self.zeroes else if_passed)

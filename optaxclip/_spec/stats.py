@@ -167,3 +167,9 @@ def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
         for field in _FIELDS:
             result[f"{label}/{field}"] = _unwrap(getattr(stats, field))
     return result
+
+
+class ClipState(NamedTuple):
+    """State of a static clipper: only what it did on its last step."""
+
+    stats: ClipStats

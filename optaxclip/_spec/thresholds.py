@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optaxclip._spec.trees import broadcast_prefix
 from optaxclip._spec.validation import check_number, is_concrete_number, path_str
 
 # What users may pass: a scalar, a schedule ``step -> value``, or for per-leaf clippers a
@@ -165,62 +166,26 @@ class Threshold:
 
     def _broadcast(self, tree: Any) -> list[Any]:
         """Broadcasts a pytree spec (the tree's structure or a prefix) to every leaf."""
-        try:
-            expanded = jax.tree.map(
-                lambda spec, subtree: jax.tree.map(lambda _: spec, subtree),
-                self.value,
-                tree,
-                is_leaf=lambda x: x is None,
-            )
-        except (ValueError, TypeError) as error:
-            mismatch = describe_mismatch(self.value, tree, "gradient")
-            raise ValueError(
-                f"{self.name}: the per-leaf threshold pytree must match the gradient tree or be a "
-                f"prefix of it. {mismatch} (JAX said: {error})"
-            ) from None
-        values = dict(jax.tree_util.tree_leaves_with_path(expanded))
-        for path, _ in jax.tree_util.tree_leaves_with_path(tree):
-            if path not in values:
+        values = broadcast_prefix(
+            self.value,
+            tree,
+            message=(
+                f"{self.name}: the per-leaf threshold pytree must match the gradient tree or be "
+                f"a prefix of it."
+            ),
+            tree_name="gradient",
+            is_leaf=lambda x: x is None,
+        )
+        for (path, _), value in zip(jax.tree_util.tree_leaves_with_path(tree), values, strict=True):
+            if value is None:
                 raise ValueError(
                     f"{self.name}: no threshold for gradient leaf {path_str(path)}: the spec holds "
                     f"None there. Give a number (inf for no clipping)."
                 )
-        return jax.tree_util.tree_leaves(expanded)
+        return values
 
     def validate_for(self, tree: Any) -> None:
         """Checks the spec against a tree (at ``init``), naming the offending path."""
         self.check_schedule_start()
         if self.is_per_leaf:
             self.per_leaf_values(tree, jnp.zeros((), jnp.int32))
-
-
-def describe_mismatch(
-    spec: Any, tree: Any, tree_name: str, is_leaf: Callable[[Any], bool] | None = None
-) -> str:
-    """Names the first path where a per-leaf ``spec`` pytree and ``tree`` disagree.
-
-    Args:
-      spec: the pytree given by the user (the structure of ``tree`` or a prefix of it).
-      tree: the tree it should fit (gradients or parameters).
-      tree_name: what ``tree`` is, for the message (``"gradient"``, ``"parameter"``).
-      is_leaf: what counts as one entry of ``spec`` (as in ``jax.tree_util``).
-
-    Returns:
-      One or two sentences: a spec entry with no counterpart in ``tree`` and/or a leaf of
-      ``tree`` that no spec entry covers; a generic sentence when the paths all match but
-      the container types differ.
-    """
-    spec_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(spec, is_leaf)]
-    tree_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-    def covers(prefix: str, path: str) -> bool:
-        return prefix == "<root>" or path.startswith(prefix)
-
-    extra = [s for s in spec_paths if not any(covers(s, p) for p in tree_paths)]
-    uncovered = [p for p in tree_paths if not any(covers(s, p) for s in spec_paths)]
-    parts = []
-    if extra:
-        parts.append(f"Spec entry {extra[0]} has no counterpart in the {tree_name} tree.")
-    if uncovered:
-        parts.append(f"{tree_name.capitalize()} leaf {uncovered[0]} is not covered by the spec.")
-    return " ".join(parts) if parts else "The container types or structures differ."

@@ -9,30 +9,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optaxclip._engine.nonfinite import (
-    factors_under_policy,
-    finite_for_leaves,
-    raise_if_nonfinite,
-    scale_leaves,
-)
-from optaxclip._numerics.reductions import (
-    combine_norms,
-    computed_once,
-    leaf_entries,
-    norms_per_leaf,
-    shrink_factors,
-)
+from optaxclip._engine.clip import check_params, flatten_updates, global_scale, scale_per_leaf
+from optaxclip._engine.nonfinite import NonfinitePolicy
+from optaxclip._numerics.arithmetic import combine_norms, shrink_factors
+from optaxclip._numerics.reductions import norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
 from optaxclip._spec.validation import (
     check_count,
     check_name,
-    check_nonfinite,
     check_number,
     check_open_unit,
     check_positive,
 )
-from optaxclip._transforms.static import check_params, flatten_updates, global_scale
 
 
 class AdaGCState(NamedTuple):
@@ -148,7 +137,7 @@ def adagc(
     warmup = check_count(warmup_steps, "warmup_steps", minimum=0)
     check_positive(warmup_max_norm, "warmup_max_norm", allow_inf=True)
     check_number(eps, "eps", allow_inf=False)
-    policy = check_nonfinite(nonfinite)
+    policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "adagc")
 
@@ -206,29 +195,33 @@ def adagc(
         ema_gamma = b * reference + (1 - b) * jnp.where(over, limits, n)
 
         new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
-        raise_if_nonfinite(policy, finite, paths, leaves, label)
 
-        def leaf_factors(operands: Any) -> tuple[jax.Array, ...]:
-            limits, n, over, warm_coarse, warm_fine, in_warmup, ok = operands
+        def leaf_factors(operands: Any) -> tuple[jax.Array, jax.Array]:
+            limits, n, over, warm_coarse, warm_fine, in_warmup = operands
             leaf_coarse, leaf_fine = shrink_factors(limits, n + jnp.asarray(eps, f32), over)
             coarse = jnp.where(in_warmup, warm_coarse, leaf_coarse)
             fine = jnp.where(in_warmup, warm_fine, leaf_fine)
-            return factors_under_policy(policy, ok, (coarse, fine))
+            return coarse, fine
 
-        # Computed as vectors before the leaves read them (see computed_once).
         warm = (warm_coarse.astype(f32), warm_fine.astype(f32))
-        coarse, fine = computed_once(
-            leaf_factors, (limits, n, over, *warm, in_warmup, finite), total
+        out, (coarse, fine) = scale_per_leaf(
+            policy,
+            label,
+            paths,
+            leaves,
+            finite,
+            leaf_factors,
+            (limits, n, over, *warm, in_warmup),
+            total,
         )
-        coarse_of, fine_of = leaf_entries([coarse, fine])
-        out = scale_leaves(leaves, fine_of, policy, finite_for_leaves(policy, finite), coarse_of)
-        post = jnp.where(
+        post = policy.report(
             finite,
             combine_norms((norms * coarse.astype(norms.dtype)) * fine.astype(norms.dtype), 2.0),
-            0 if policy == "zero" else total,
+            if_zeroed=0,
+            if_passed=total,
         )
         fraction = jnp.where(in_warmup, warm_clipped.astype(f32), jnp.mean(over.astype(f32)))
-        fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
+        fraction = policy.report(finite, fraction, if_zeroed=1.0, if_passed=0.0)
         set_limits = jnp.where(reference > 0, limits, jnp.inf)
         threshold = jnp.where(in_warmup, cap, jnp.min(set_limits))
         stats = make_stats(

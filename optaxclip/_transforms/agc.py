@@ -2,12 +2,13 @@
 
 A *unit* is a slice of a parameter leaf, for example one output column of a Flax ``Dense``
 kernel. Which axes make up a unit depends on how the framework lays out its weights, so the
-layout is an explicit argument (``unit_axes``) rather than a guess from the rank alone.
+layout is an explicit argument (``unit_axes``, see :mod:`optaxclip._spec.units`) rather than a
+guess from the rank alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -16,28 +17,12 @@ import numpy as np
 import optax
 from jax import lax
 
-from optaxclip._engine.nonfinite import (
-    factors_under_policy,
-    finite_for_leaves,
-    raise_if_nonfinite,
-    scale_leaves,
-)
-from optaxclip._numerics.reductions import (
-    _MAX_JOINED,
-    _TINY_SUM_OF_SQUARES,
-    _Budget,
-    _can_join,
-    accumulation_dtype,
-    behind_barriers,
-    computed_once,
-    norm_of_leaves,
-    rescale_divisor,
-    runtime_positions,
-    safe_root,
-    shrink_factors,
-    stack_scalars,
-    sum_across_devices,
-)
+from optaxclip import _lowering as lowering
+from optaxclip._engine.clip import check_params, flatten_updates, scale_under_policy
+from optaxclip._engine.nonfinite import NonfinitePolicy
+from optaxclip._numerics.arithmetic import shrink_factors
+from optaxclip._numerics.reductions import norm_of_leaves, sum_across_devices
+from optaxclip._numerics.units import unit_blocks, unit_norms
 from optaxclip._spec.layout import (
     AxisName,
     Layout,
@@ -46,13 +31,15 @@ from optaxclip._spec.layout import (
     normalize_axis_names,
 )
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
-from optaxclip._spec.thresholds import Threshold, ThresholdLike, describe_mismatch
-from optaxclip._spec.validation import check_name, check_nonfinite, check_number, path_str
-from optaxclip._transforms.static import check_params, flatten_updates
-
-UNIT_AXES_PRESETS = ("flax", "equinox", "torch", "whole")
-
-UnitAxes = Any  # preset name | int | tuple[int, ...] | pytree (prefix) of those | callable
+from optaxclip._spec.thresholds import Threshold, ThresholdLike
+from optaxclip._spec.units import (
+    UnitAxes,
+    check_params_match,
+    resolve_units,
+    validate_exclude,
+    validate_unit_axes,
+)
+from optaxclip._spec.validation import check_name, check_number, path_str
 
 
 class AGCState(NamedTuple):
@@ -61,409 +48,34 @@ class AGCState(NamedTuple):
     stats: ClipStats
 
 
-def unit_reduction_axes(preset: str, ndim: int) -> tuple[int, ...]:
-    """The axes a ``unit_axes`` preset reduces over for a leaf of rank ``ndim``.
-
-    Rank 0 and rank 1 leaves (scalars, biases, scales) are one unit under every preset.
-
-    Args:
-      preset: ``"flax"`` (reduce every axis but the last: one unit per output feature of an
-        ``(in, out)`` kernel or an ``(H, W, I, O)`` conv kernel), ``"equinox"`` or ``"torch"``
-        (reduce every axis but the first: one unit per row of an ``(out, in)`` weight, an
-        ``(out, in, k...)`` conv or a ``(vocab, dim)`` embedding), or ``"whole"`` (one unit
-        per leaf).
-      ndim: the rank of the leaf.
-
-    Returns:
-      The axes to reduce over, sorted.
-
-    Raises:
-      ValueError: an unknown preset name.
-
-    Examples:
-      >>> import optaxclip
-      >>> optaxclip.unit_reduction_axes("flax", 4)
-      (0, 1, 2)
-      >>> optaxclip.unit_reduction_axes("equinox", 2)
-      (1,)
-      >>> optaxclip.unit_reduction_axes("torch", 1)
-      (0,)
-    """
-    if preset not in UNIT_AXES_PRESETS:
-        raise ValueError(
-            f"unit_axes: unknown preset {preset!r}; choose one of {UNIT_AXES_PRESETS}, or give "
-            f"the axes to reduce over as a tuple of ints."
-        )
-    everything = tuple(range(ndim))
-    if ndim <= 1 or preset == "whole":
-        return everything
-    if preset == "flax":
-        return everything[:-1]
-    return everything[1:]
-
-
-def _is_axes_entry(x: Any) -> bool:
-    """A leaf of a ``unit_axes`` spec: a preset name, an int or a tuple of ints."""
-    if isinstance(x, (str, int, np.integer)) or x is None:
-        return True
-    return (
-        isinstance(x, tuple)
-        and not hasattr(x, "_fields")
-        and all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in x)
-    )
-
-
-def _check_axes_entry(value: Any, where: str) -> None:
-    """Checks a ``unit_axes`` entry that does not depend on a leaf's rank."""
-    if isinstance(value, str):
-        unit_reduction_axes(value, 0)
-        return
-    if isinstance(value, bool) or not _is_axes_entry(value) or value is None:
-        raise TypeError(
-            f"unit_axes{where} must be a preset name {UNIT_AXES_PRESETS}, an int or a tuple of "
-            f"ints (the axes to reduce over), got {value!r}."
-        )
-
-
-def _axes_for_leaf(value: Any, path: Any, ndim: int) -> tuple[int, ...]:
-    """Resolves one ``unit_axes`` entry for a leaf of rank ``ndim``."""
-    where = f" at leaf {path_str(path)}"
-    _check_axes_entry(value, where)
-    if isinstance(value, str):
-        return unit_reduction_axes(value, ndim)
-    entries = (value,) if isinstance(value, (int, np.integer)) else value
-    axes = []
-    for axis in entries:
-        if not -ndim <= int(axis) < ndim:
-            raise ValueError(
-                f"unit_axes{where}: axis {int(axis)} is out of range for a leaf of rank {ndim}."
-            )
-        axes.append(int(axis) % ndim)
-    if len(set(axes)) != len(axes):
-        raise ValueError(f"unit_axes{where}: repeated axis in {value!r}.")
-    return tuple(sorted(axes))
-
-
-class _Box:
-    """Holds one spec entry as an opaque pytree leaf while a prefix spec is broadcast."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-def _broadcast_prefix(spec: Any, tree: Any, name: str, is_leaf: Callable[[Any], bool]) -> list[Any]:
-    """One spec entry per leaf of ``tree``, from a spec with the tree's structure or a prefix."""
-    try:
-        expanded = jax.tree.map(
-            lambda entry, subtree: jax.tree.map(lambda _: _Box(entry), subtree),
-            spec,
-            tree,
-            is_leaf=is_leaf,
-        )
-    except (ValueError, TypeError) as error:
-        mismatch = describe_mismatch(spec, tree, "parameter", is_leaf)
-        raise ValueError(
-            f"{name} must have the structure of the parameter tree or of a prefix of it. "
-            f"{mismatch} (JAX said: {error})"
-        ) from None
-    return [box.value for box in jax.tree_util.tree_leaves(expanded)]
-
-
-def _validate_unit_axes(unit_axes: UnitAxes) -> None:
-    """Construction-time checks of a ``unit_axes`` spec (its structure is checked at init)."""
-    if callable(unit_axes):
-        return
-    if _is_axes_entry(unit_axes):
-        _check_axes_entry(unit_axes, "")
-        return
-    for path, entry in jax.tree_util.tree_leaves_with_path(unit_axes, _is_axes_entry):
-        _check_axes_entry(entry, f" at {path_str(path)}")
-
-
-def _validate_exclude(exclude: Any) -> None:
-    if exclude is None or callable(exclude):
-        return
-    for path, entry in jax.tree_util.tree_leaves_with_path(exclude, lambda x: x is None):
-        if not isinstance(entry, (bool, np.bool_)):
-            raise TypeError(
-                f"exclude at {path_str(path)} must be a bool (True leaves the leaf unclipped), "
-                f"got {entry!r}."
-            )
-
-
-def _resolve_layout(
-    unit_axes: UnitAxes, exclude: Any, params: Any
-) -> tuple[list[tuple[int, ...]], list[bool]]:
-    """Per leaf of ``params``: the axes to reduce over, and whether the leaf is excluded."""
-    paths_leaves = jax.tree_util.tree_leaves_with_path(params)
-    if callable(unit_axes):
-        entries = [unit_axes(path, leaf) for path, leaf in paths_leaves]
-    elif _is_axes_entry(unit_axes):
-        entries = [unit_axes] * len(paths_leaves)
-    else:
-        entries = _broadcast_prefix(unit_axes, params, "unit_axes", _is_axes_entry)
-    axes = [
-        _axes_for_leaf(entry, path, jnp.ndim(leaf))
-        for entry, (path, leaf) in zip(entries, paths_leaves, strict=True)
-    ]
-    if exclude is None:
-        flags = [False] * len(paths_leaves)
-    elif callable(exclude):
-        flags = []
-        for path, leaf in paths_leaves:
-            flag = exclude(path, leaf)
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(
-                    f"exclude returned {flag!r} for leaf {path_str(path)}; it must return a "
-                    f"Python bool."
-                )
-            flags.append(bool(flag))
-    else:
-        flags = [
-            bool(f) for f in _broadcast_prefix(exclude, params, "exclude", lambda x: x is None)
-        ]
-    return axes, flags
-
-
-def _check_params_match(updates: Any, params: Any, label: str) -> list[jax.Array]:
-    """The parameter leaves, after checking they mirror the gradient leaves."""
-    if params is None:
-        raise ValueError(
-            f"{label}: adaptive gradient clipping compares each gradient with its parameters, "
-            f"so it needs them: call tx.update(grads, state, params)."
-        )
-    grad_paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(updates)]
-    param_items = jax.tree_util.tree_leaves_with_path(params)
-    param_paths = [path_str(p) for p, _ in param_items]
-    grad_structure: Any = jax.tree.structure(updates)
-    if grad_structure != jax.tree.structure(params):
-        missing = [p for p in grad_paths if p not in param_paths]
-        extra = [p for p in param_paths if p not in grad_paths]
-        details = []
-        if missing:
-            details.append(f"gradient leaf {missing[0]} has no parameter")
-        if extra:
-            details.append(f"parameter leaf {extra[0]} has no gradient")
-        detail = "; ".join(details) or "the container types differ"
-        raise ValueError(f"{label}: params and gradients must have the same tree ({detail}).")
-    grad_leaves = jax.tree_util.tree_leaves(updates)
-    for path, (_, param), grad in zip(param_paths, param_items, grad_leaves, strict=True):
-        if jnp.shape(param) != jnp.shape(grad):
-            raise ValueError(
-                f"{label}: at leaf {path} the parameter has shape {jnp.shape(param)} but the "
-                f"gradient has shape {jnp.shape(grad)}."
-            )
-    return [jnp.asarray(x) for _, x in param_items]
-
-
-def _squares(x: jax.Array, acc: jnp.dtype, divisor: jax.Array | None = None) -> jax.Array:
-    """``|x / divisor|**2`` elementwise, in ``acc``."""
-    parts = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
-    scaled = [p.astype(acc) if divisor is None else p.astype(acc) / divisor for p in parts]
-    return sum((y * y for y in scaled[1:]), start=scaled[0] * scaled[0])
-
-
-def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return lax.psum(x, axes) if axes else x
-
-
-class _Block(NamedTuple):
-    """Leaves whose unit norms one reduction computes.
-
-    ``axis`` None: one leaf, reduced in place over its own unit axes. Otherwise small leaves
-    of one shape, dtype, unit axes and device layout, each laid out as a matrix with one unit
-    per column (``axis`` 1) or per row (``axis`` 2) and stacked along a new leading axis.
-    """
-
-    members: list[tuple[int, int]]  # (position in the list of leaves, offset of its units)
-    axis: int | None
-    summed: tuple[str, ...]
-    agree: tuple[str, ...]
-    across: tuple[str, ...]
-
-
-def _unit_matrix(x: jax.Array, reduced: tuple[int, ...]) -> jax.Array:
-    """``x`` as a matrix with one unit per column (reduced axes leading) or else per row.
-
-    Units come in the row-major order of the kept dimensions, as in ``x``'s own unit norms.
-    """
-    kept = [d for d in range(x.ndim) if d not in reduced]
-    size = int(np.prod([x.shape[d] for d in reduced], dtype=np.int64))
-    if reduced == tuple(range(len(reduced))):  # the reduced axes lead: no transpose
-        return x.reshape(size, -1)
-    return jnp.transpose(x, kept + list(reduced)).reshape(-1, size)
-
-
-# Leaves of at most this many elements are stacked for their unit norms (see _unit_blocks).
-# Stacking copies them; for larger leaves the copy costs more step time than the separate
-# loops do (2000 leaves of 88 x 88 and 88 x 176 with their biases: 91 ms a step with every
-# leaf up to 65536 elements stacked, 52 ms with this limit, 61 ms with none stacked).
-_JOIN_UNITS_UP_TO = 1 << 12
-
-
-def _unit_blocks(
-    arrays: Sequence[jax.Array],
-    weights: Sequence[jax.Array],
-    axes: Sequence[tuple[int, ...]],
-    summed: Sequence[tuple[str, ...]],
-    agree: Sequence[tuple[str, ...]],
-    across: Sequence[tuple[str, ...]],
-) -> list[_Block]:
-    """How the unit norms of ``arrays`` are batched into reductions.
-
-    XLA:CPU's compile time grows with the number of reduction loops, so small leaves (at
-    most ``_JOIN_UNITS_UP_TO`` elements) of one shape and layout are stacked and reduced
-    together, at most ``_MAX_JOINED`` per block; the others are reduced one loop each.
-    Only leaves of one shape are stacked: XLA:CPU reads a concatenation of operands of
-    different widths element by element, choosing the operand each time (AGC on 2000 mixed
-    kernels and biases took 145 ms a step that way, against 58 ms for Optax's loops).
-    """
-    budget = _Budget()
-    blocks: list[_Block] = []
-    stacked: dict[Any, list[int]] = {}
-    for i, x in enumerate(arrays):
-        if x.size <= _JOIN_UNITS_UP_TO and _can_join(weights[i]) and budget.take(x, int(x.size)):
-            key = (x.dtype, x.shape, axes[i], summed[i], agree[i], across[i])
-            stacked.setdefault(key, []).append(i)
-        else:
-            blocks.append(_Block([(i, 0)], None, summed[i], agree[i], across[i]))
-    for (_, shape, reduced, *layout), idx in stacked.items():
-        lead = reduced == tuple(range(len(reduced)))
-        units = int(np.prod([n for d, n in enumerate(shape) if d not in reduced], dtype=np.int64))
-        for start in range(0, len(idx), _MAX_JOINED):
-            chunk = idx[start : start + _MAX_JOINED]
-            members = [(i, k * units) for k, i in enumerate(chunk)]
-            blocks.append(_Block(members, 1 if lead else 2, *layout))
-    return blocks
-
-
-def _block_array(
-    block: _Block, arrays: Sequence[jax.Array], axes: Sequence[tuple[int, ...]]
-) -> jax.Array:
-    """The array one block reduces: the leaf itself, or its leaves' unit matrices stacked."""
-    if block.axis is None:
-        return arrays[block.members[0][0]]
-    matrices = [_unit_matrix(arrays[i], axes[i]) for i, _ in block.members]
-    if len(matrices) == 1:
-        return matrices[0][None]
-    # Raveled and concatenated, then reshaped: the same bytes as a stack.
-    return jnp.concatenate([m.ravel() for m in matrices]).reshape(
-        (len(matrices), *matrices[0].shape)
-    )
-
-
-def _unit_sums(
-    array: jax.Array, axes: tuple[int, ...], summed: tuple[str, ...], divisor: Any = None
-) -> jax.Array:
-    acc = accumulation_dtype(array.dtype)
-    total = jnp.sum(_squares(array, acc, divisor), axis=axes, keepdims=True)
-    return _psum(total, summed)
-
-
-def unit_norms(
-    arrays: Sequence[jax.Array],
-    blocks: Sequence[_Block],
-    axes: Sequence[tuple[int, ...]],
-    rescue: bool,
-) -> list[jax.Array]:
-    """The L2 norm of each unit, per block: a vector for a joined block, else the leaf's shape.
-
-    Accumulates in float32 (float64 for float64 arrays). With ``rescue``, when any unit's sum
-    of squares overflows or loses bits to underflow, one rescaled pass over every block runs
-    under a single ``lax.cond`` whose operands are the blocks' arrays. Without it (the weight
-    norms: a unit weight norm outside about [1e-19, 1e19] is either floored by ``eps`` or so
-    large that no gradient reaches the limit) the direct sums are used.
-
-    Devices along ``block.summed`` hold parts of the same units: the partial sums are added
-    across them. The rescue decision is shared across ``block.agree`` (every axis the leaves
-    are split along), so that all devices take the same branch.
-    """
-    # Read through a barrier: the gradients' output multiply (or, for the weights, the
-    # optimizer that follows) converts the same fp16/bf16 leaves, and a conversion shared
-    # with a reduction is written out in full (see behind_barriers).
-    inputs = [behind_barriers(_block_array(block, arrays, axes), 1) for block in blocks]
-    reduced = [axes[b.members[0][0]] if b.axis is None else (b.axis,) for b in blocks]
-
-    def flat(value: jax.Array, block: _Block) -> jax.Array:
-        return value if block.axis is None else value.reshape(-1)
-
-    direct = [_unit_sums(x, r, b.summed) for x, r, b in zip(inputs, reduced, blocks, strict=True)]
-    if not rescue or not blocks:
-        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
-
-    def rescaled(operands: list[jax.Array]) -> list[jax.Array]:
-        out = []
-        for x, r, b in zip(operands, reduced, blocks, strict=True):
-            acc = accumulation_dtype(x.dtype)
-            largest = jnp.max(jnp.abs(x).astype(acc), axis=r, keepdims=True, initial=0)
-            if b.summed:
-                largest = lax.pmax(largest, b.summed)
-            divisor = rescale_divisor(lax.stop_gradient(largest))
-            out.append(flat(divisor * safe_root(_unit_sums(x, r, b.summed, divisor), 2.0), b))
-        return out
-
-    def as_is(_: list[jax.Array]) -> list[jax.Array]:
-        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
-
-    suspects = []
-    for total, block in zip(direct, blocks, strict=True):
-        suspect = jnp.any(jnp.isinf(total) | ((total > 0) & (total < _TINY_SUM_OF_SQUARES)))
-        if block.agree:
-            suspect = lax.pmax(suspect.astype(jnp.int32), block.agree) > 0
-        suspects.append(suspect)
-    return lax.cond(jnp.any(stack_scalars(suspects)), rescaled, as_is, inputs)
-
-
 class _Part(NamedTuple):
-    """Unit values of one block, or of several joined into vectors: ``columns[k]`` is column k's."""
+    """Unit values of one or more blocks, joined: ``columns[k]`` is column k's values."""
 
     columns: list[jax.Array]
     axes: tuple[str, ...]
     members: list[tuple[int, int]]  # (leaf position, offset of its units in the vectors)
 
 
-def _unit_parts(
+def _parts(
     pieces: Sequence[tuple[list[jax.Array], tuple[str, ...], list[tuple[int, int]]]],
 ) -> list[_Part]:
-    """The per-block unit values (``columns``, ``across_units`` axes, members), joined.
-
-    Pieces of one group of ``across_units`` axes and dtype are raveled and joined, at most
-    ``_MAX_JOINED`` per part, so that the limits, scales and stats run as a few vector
-    operations; a piece whose arrays are explicitly sharded stays on its own. The barrier
-    keeps each joined vector one buffer: XLA would otherwise split a reduction of it back
-    into one per piece.
-    """
-    parts: list[_Part] = []
-    groups: dict[Any, list[int]] = {}
-    for k, (columns, axes, _) in enumerate(pieces):
-        groups.setdefault((axes, columns[0].dtype), []).append(k)
-    for (axes, _), idx in groups.items():
-        joinable = [k for k in idx if all(_can_join(c) for c in pieces[k][0])]
-        for k in idx:
-            if k not in joinable:  # kept as it is: an explicitly sharded array is not raveled
-                parts.append(_Part(list(pieces[k][0]), axes, list(pieces[k][2])))
-        for start in range(0, len(joinable), _MAX_JOINED):
-            chunk = joinable[start : start + _MAX_JOINED]
-            if len(chunk) == 1:
-                columns, _, members = pieces[chunk[0]]
-                parts.append(_Part([c.ravel() for c in columns], axes, list(members)))
-                continue
-            shifts = np.cumsum([0] + [pieces[k][0][0].size for k in chunk])[:-1]
-            members = [
-                (i, int(shift) + offset)
-                for k, shift in zip(chunk, shifts, strict=True)
+    """The per-block unit values (columns, axes across units, members), joined by axes and dtype."""
+    joined = lowering.joined_vectors(
+        [columns for columns, _, _ in pieces],
+        [(axes, columns[0].dtype) for columns, axes, _ in pieces],
+    )
+    return [
+        _Part(
+            vectors.columns,
+            pieces[vectors.pieces[0]][1],
+            [
+                (i, shift + offset)
+                for k, shift in zip(vectors.pieces, vectors.offsets, strict=True)
                 for i, offset in pieces[k][2]
-            ]
-            # One barrier per column: a shared one would give every output the union of
-            # their device-variance types inside shard_map.
-            joined = [
-                lax.optimization_barrier(jnp.concatenate([pieces[k][0][c].ravel() for k in chunk]))
-                for c in range(len(pieces[chunk[0]][0]))
-            ]
-            parts.append(_Part(joined, axes, members))
-    return parts
+            ],
+        )
+        for vectors in joined
+    ]
 
 
 def _part_limits(
@@ -506,7 +118,7 @@ def _per_leaf(
             for column, values in zip(columns, out, strict=True):
                 values[i] = column[k].reshape(shapes[i])
             continue
-        starts = runtime_positions([o for _, o in part.members], columns[0][k][0])
+        starts = lowering.positions_opaque_to_fusion([o for _, o in part.members], columns[0][k][0])
         for (i, _), start in zip(part.members, starts, strict=True):
             size = int(np.prod(shapes[i], dtype=np.int64))
             for column, values in zip(columns, out, strict=True):
@@ -650,22 +262,22 @@ def adaptive_grad_clip(
     """
     threshold = Threshold(clipping, "clipping", per_leaf=True)
     check_number(eps, "eps")
-    _validate_unit_axes(unit_axes)
-    _validate_exclude(exclude)
-    policy = check_nonfinite(nonfinite)
+    validate_unit_axes(unit_axes)
+    validate_exclude(exclude)
+    policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "adaptive_grad_clip")
 
     def init_fn(params: Any) -> AGCState:
         check_params(params)
         threshold.validate_for(params)
-        _resolve_layout(unit_axes, exclude, params)
+        resolve_units(unit_axes, exclude, params)
         return AGCState(stats=initial_stats(label))
 
     def update_fn(updates: Any, state: AGCState, params: Any = None) -> tuple[Any, AGCState]:
         paths, leaves, treedef = flatten_updates(updates)
-        weights = _check_params_match(updates, params, label)
-        axes, excluded = _resolve_layout(unit_axes, exclude, params)
+        weights = check_params_match(updates, params, label)
+        axes, excluded = resolve_units(unit_axes, exclude, params)
         count = state.stats.count
         limits = threshold.per_leaf_values(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
@@ -692,14 +304,14 @@ def adaptive_grad_clip(
         active_axes = [axes[i] for i in active]
         grads = [leaves[i] for i in active]
         params_of = [weights[i] for i in active]
-        blocks = _unit_blocks(
+        blocks = unit_blocks(
             grads, params_of, active_axes, summed, [leaf_axes[i] for i in active], across_units
         )
         grad_norms = unit_norms(grads, blocks, active_axes, rescue=True)
         weight_norms = unit_norms(params_of, blocks, active_axes, rescue=False)
-        # Limits, scales and stats on the unit norms joined into a few vectors: computed per
-        # leaf, they added about a dozen kernels per leaf to the program.
-        parts = _unit_parts(
+        # Limits, scales and stats run on the unit norms joined into a few vectors: computed
+        # per leaf, they would add about a dozen kernels per leaf to the program.
+        parts = _parts(
             [
                 ([g, w.astype(g.dtype)], block.across, block.members)
                 for g, w, block in zip(grad_norms, weight_norms, blocks, strict=True)
@@ -735,45 +347,48 @@ def adaptive_grad_clip(
         n_bad = sum_across_devices(bad, part_axes)
         finite = n_bad == 0
         active_leaves = [leaves[i] for i in active]
-        raise_if_nonfinite(policy, finite, [paths[i] for i in active], active_leaves, label)
 
-        def leaf_factors(operands: Any) -> tuple[list[jax.Array], list[jax.Array]]:
-            norms, limits_, ok = operands
+        def unit_factors(operands: Any) -> tuple[list[jax.Array], list[jax.Array]]:
+            norms, limits_ = operands
             coarse_parts, fine_parts = [], []
             for g, limit in zip(norms, limits_, strict=True):
                 first, second = shrink_factors(limit, g, g > limit)
                 # clipping=0 zeroes every unit, also one whose norm rounds to 0 (entries below
                 # about 1e-19 square to 0 in float32 and are not rescued, see unit_norms).
-                first, second = factors_under_policy(
-                    policy, ok, (first, jnp.where(limit == 0, 0, second))
-                )
                 coarse_parts.append(first)
-                fine_parts.append(second)
+                fine_parts.append(jnp.where(limit == 0, 0, second))
             return coarse_parts, fine_parts
 
-        # The scale factors the leaves read are computed as vectors first (see computed_once).
-        coarse_parts, fine_parts = computed_once(
-            leaf_factors, (unit_norms_of, unit_limits, finite), n_bad
+        def per_unit(both: Any) -> tuple[list[Any], list[Any]]:
+            coarse, fine = _per_leaf(parts, list(both), shapes)
+            return coarse, fine
+
+        clipped, (coarse_parts, fine_parts) = scale_under_policy(
+            policy,
+            label,
+            [paths[i] for i in active],
+            active_leaves,
+            finite,
+            unit_factors,
+            (unit_norms_of, unit_limits),
+            n_bad,
+            per_unit,
         )
-        coarse, fine = _per_leaf(parts, [coarse_parts, fine_parts], shapes)
         # Read only where the step is finite (post below), so the policy's 1s do not matter.
         clipped_norms_of = [
             (g * first) * second
             for g, first, second in zip(unit_norms_of, coarse_parts, fine_parts, strict=True)
         ]
-        clipped = scale_leaves(
-            active_leaves, fine, policy, finite_for_leaves(policy, finite), coarse
-        )
         out = list(leaves)
         for i, leaf in zip(active, clipped, strict=True):
             out[i] = leaf
 
         pre = norm_of_leaves(unit_norms_of, 2.0, part_axes)
         post_if_finite = norm_of_leaves(clipped_norms_of, 2.0, part_axes)
-        post = jnp.where(finite, post_if_finite, 0 if policy == "zero" else pre)
+        post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
         fraction = sum_across_devices(n_clipped, part_axes) / sum_across_devices(n_units, part_axes)
-        fraction = jnp.where(finite, fraction, 1.0 if policy == "zero" else 0.0)
-        smallest = jnp.min(stack_scalars(least_limits))
+        fraction = policy.report(finite, fraction, if_zeroed=1.0, if_passed=0.0)
+        smallest = jnp.min(lowering.stack_against_chain_rewrite(least_limits))
         stats = make_stats(
             label,
             count=count + 1,

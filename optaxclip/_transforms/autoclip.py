@@ -8,18 +8,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
+from optaxclip._engine.nonfinite import NonfinitePolicy
 from optaxclip._numerics.reductions import norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
     check_count,
     check_name,
-    check_nonfinite,
     check_number,
     is_concrete_number,
     normalize_ord,
 )
-from optaxclip._transforms.static import check_params, clip_to_global_norm, flatten_updates
 
 
 class AutoClipState(NamedTuple):
@@ -137,7 +137,7 @@ def autoclip(
         raise ValueError(f"percentile must be in [0, 100], got {percentile}.")
     size = check_count(history_size, "history_size", minimum=1)
     p = normalize_ord(ord)
-    policy = check_nonfinite(nonfinite)
+    policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "autoclip")
 

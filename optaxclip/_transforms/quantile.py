@@ -8,17 +8,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
+from optaxclip._engine.nonfinite import NonfinitePolicy
 from optaxclip._numerics.reductions import norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
     check_name,
-    check_nonfinite,
     check_number,
     is_concrete_number,
     normalize_ord,
 )
-from optaxclip._transforms.static import check_params, clip_to_global_norm, flatten_updates
 
 # The threshold stays within the positive normal float32 range, so a long run of zero
 # gradients cannot drive it to 0 (from which a geometric update never recovers).
@@ -105,7 +105,7 @@ def quantile_clip(
     if is_concrete_number(initial_threshold) and float(initial_threshold) <= 0:
         raise ValueError(f"initial_threshold must be > 0, got {initial_threshold}.")
     p = normalize_ord(ord)
-    policy = check_nonfinite(nonfinite)
+    policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "quantile_clip")
 

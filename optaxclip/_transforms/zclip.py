@@ -10,18 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optaxclip._numerics.reductions import norm_of_leaves, safe_divide
+from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
+from optaxclip._engine.nonfinite import NonfinitePolicy
+from optaxclip._numerics.arithmetic import safe_divide
+from optaxclip._numerics.reductions import norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
     check_count,
     check_name,
-    check_nonfinite,
     check_number,
     check_open_unit,
     check_positive,
 )
-from optaxclip._transforms.static import check_params, clip_to_global_norm, flatten_updates
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -169,7 +170,7 @@ def zclip(
             f"skip_update_on_spike must be a bool, got {type(skip_update_on_spike).__name__}."
         )
     check_number(eps, "eps", allow_inf=False)
-    policy = check_nonfinite(nonfinite)
+    policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "zclip")
 
