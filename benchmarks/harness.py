@@ -1,10 +1,10 @@
 """Shared pieces of the benchmark suite: trees, the timing protocol and the byte model.
 
-The protocol is the one of ``shared/research/cpu-baselines.md``: inputs already on the
-device, an AOT ``lower().compile()`` (timed, lower and compile separately), one untimed first
-call, warm-up calls, then ``reps`` timed calls that each end in ``block_until_ready``. In the
-donated mode the buffers the step rewrites (params and optimizer state, or the gradients for a
-clipper alone) are donated and the outputs are fed back in, so XLA updates them in place.
+The protocol (described in ``docs/performance.md``): inputs already on the device, an AOT
+``lower().compile()`` (timed, lower and compile separately), one untimed first call, warm-up
+calls, then ``reps`` timed calls that each end in ``block_until_ready``. In the donated mode
+the buffers the step rewrites (params and optimizer state, or the gradients for a clipper
+alone) are donated and the outputs are fed back in, so XLA updates them in place.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def transformer_shapes(
     """A GPT-like tree: 12 leaves per block plus embeddings and final norm.
 
     At scale 1 and 16 layers: d_model 512, MLP 2048, 196 leaves, about 51M parameters (the
-    "transformer" tree of cpu-baselines.md). ``scale`` multiplies the parameter count (the
+    "transformer" tree of docs/performance.md). ``scale`` multiplies the parameter count (the
     widths grow with its square root), the number of leaves stays the same. Kernels are
     (in, out), as in Flax, so the last axis is the output unit.
     """
@@ -112,7 +112,7 @@ def many_small_shapes(
     """``n_leaves`` small leaves of four mixed shapes (kernels and biases).
 
     At scale 1 and 2000 leaves: about 11.7M parameters (5.9K per leaf on average), the
-    "many_small" tree of cpu-baselines.md.
+    "many_small" tree of docs/performance.md.
     """
     d = _round_dim(88 * math.sqrt(scale), 4)
     cycle = [("kernel_a", (d, d)), ("bias_a", (d,)), ("kernel_b", (d, 2 * d)), ("bias_b", (2 * d,))]
@@ -320,7 +320,7 @@ def time_interleaved(members: list[Member], *, reps: int, warmup: int) -> list[T
     rotation: a rotation keeps the cyclic order, so each member always runs right after the
     same other one, and pays for what that one leaves behind (a step whose large temporaries
     the allocator has just returned to the system makes the next step fault its pages back
-    in; in bfloat16 the member after the bare clip showed +7-11% for that alone).
+    in, which a fixed order would charge to the same member every round).
     """
     rng = random.Random(0)
     first = []
@@ -381,7 +381,7 @@ def time_python(
 
 
 # --------------------------------------------------------------------------------------
-# Byte model (cpu-baselines.md): the minimum number of full passes over a tree
+# Byte model (docs/performance.md): the minimum number of full passes over a tree
 # --------------------------------------------------------------------------------------
 
 # Passes for the optimizer alone: read g, m, v, p; write m, v, p.

@@ -297,7 +297,8 @@ def paired_job(job: dict[str, Any]) -> None:
                 "members": results + skipped,
             }
         except Exception as exc:
-            record = _error_record({"id": case["id"], "group": case["group"]}, common, exc)
+            group = {"id": case["id"], "group": case["group"], "mode": "paired"}
+            record = _error_record(group, common, exc)
         emit({"event": "result", "id": case["id"], "record": record})
 
 

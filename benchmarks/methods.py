@@ -1,8 +1,8 @@
 """What the suite times: the clippers (ours, Optax's, local variants) and the step functions.
 
 Every method is built from a :class:`harness.TreeSpec`, so that thresholds can be set from
-the gradient scale (all clippers actually clip on every step). Adaptive clippers that are not
-(yet) in ``optaxclip`` are reported as skipped, with the reason.
+the gradient scale (all clippers actually clip on every step). A clipper that the installed
+``optaxclip`` lacks is reported as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -51,60 +51,28 @@ class Method:
 
 
 # --------------------------------------------------------------------------------------
-# Local variants of the global clip (prototypes, to attribute costs)
+# Local variants of the global clip, to attribute its costs
 # --------------------------------------------------------------------------------------
 
 
 def clip_by_global_norm_without_stats(max_norm: float) -> optax.GradientTransformation:
     """optaxclip's global clip (same norm, scale and non-finite handling) without ClipStats.
 
-    It calls the shipped ``clip_to_global_norm`` and drops the stats, which XLA then removes
-    as dead code, and it keeps no state. The difference to ``optaxclip.clip_by_global_norm``
-    is the cost of the stats.
+    It runs ``optaxclip.clip_by_global_norm`` from a fresh state on every call and returns
+    only the clipped gradient: the stats are never used, so XLA removes them as dead code,
+    and the variant keeps no state of its own. The difference to
+    ``optaxclip.clip_by_global_norm`` is the cost of the stats. (With a constant threshold
+    the fresh state changes nothing else: the step count only feeds a schedule.)
     """
-    from optaxclip._numerics import norm_of_leaves
-    from optaxclip._static import clip_to_global_norm, flatten_updates
+    inner = optaxclip.clip_by_global_norm(max_norm)
 
     def init_fn(params: Any) -> optax.EmptyState:
         del params
         return optax.EmptyState()
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
-        del params
-        paths, leaves, treedef = flatten_updates(updates)
-        norm = norm_of_leaves(leaves, 2.0, [()] * len(leaves))
-        limit = jnp.asarray(max_norm, jnp.float32)
-        count = jnp.zeros((), jnp.int32)
-        out, _ = clip_to_global_norm(paths, leaves, norm, limit, "propagate", "nostats", count)
-        return jax.tree.unflatten(treedef, out), state
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def clip_by_global_norm_with_norm(
-    norm_fn: Callable[[list[Any]], Any], max_norm: float, name: str
-) -> optax.GradientTransformation:
-    """optaxclip's global clip, stats included, with another formulation of the norm.
-
-    Used to measure a proposed change to ``optaxclip._numerics.norm_of_leaves`` end to end
-    (see ``compile_scaling.py`` for the formulations).
-    """
-    from optaxclip._static import ClipState, clip_to_global_norm
-    from optaxclip._stats import initial_stats
-
-    def init_fn(params: Any) -> ClipState:
-        del params
-        return ClipState(stats=initial_stats(name))
-
-    def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
-        del params
-        flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
-        paths, leaves = [p for p, _ in flat], [x for _, x in flat]
-        norm = norm_fn(leaves)
-        limit = jnp.asarray(max_norm, jnp.float32)
-        count = state.stats.count + 1
-        out, stats = clip_to_global_norm(paths, leaves, norm, limit, "propagate", name, count)
-        return jax.tree.unflatten(treedef, out), ClipState(stats=stats)
+        out, _ = inner.update(updates, inner.init(updates), params)
+        return out, state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -187,7 +155,7 @@ def _ours(name: str, build: Callable[[Any, TreeSpec], optax.GradientTransformati
     """(factory, missing reason) for ``optaxclip.<name>`` if it exists."""
     fn = getattr(optaxclip, name, None)
     if fn is None:
-        return None, f"optaxclip.{name} does not exist (yet) in this checkout"
+        return None, f"optaxclip.{name} does not exist in this checkout"
     return (lambda spec: build(fn, spec)), None
 
 

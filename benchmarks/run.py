@@ -326,10 +326,9 @@ class Suite:
         chain = [member(None, "optimizer")] + [member(k, "chain") for k in present]
         if "optax:global" in keys and section != "gpu":
             chain.append(member("optax:global", "chain"))
-        # The bare clip stays out of the clip group: alone, its float32 temporaries take
-        # about 50,000 page faults a call on bfloat16 trees, and they slowed the member after
-        # it in the rotation (ClipStats then showed +96% in bf16, against +0-4% timed
-        # without it).
+        # The bare clip stays out of the clip group: alone, on bfloat16 trees, its float32
+        # temporaries fault in fresh pages on every call and slow down whichever member runs
+        # after it, which would distort the ClipStats comparison this group serves.
         # A norm stored beside is a reference for the chain only: alone it writes nothing.
         clip = [
             member(k, "clip")
