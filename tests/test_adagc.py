@@ -8,14 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import (
+from helpers.references import same_bits
+from helpers.runs import (
     batched,
     nnx_linear,
     nnx_train_step,
     resume_from_checkpoint,
     run_scan,
     run_updates,
-    same_bits,
     step_slices,
 )
 from jax.sharding import PartitionSpec as P

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import batched, nnx_linear, nnx_train_step, resume_from_checkpoint, run_updates
+from helpers.runs import batched, nnx_linear, nnx_train_step, resume_from_checkpoint, run_updates
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
@@ -419,7 +419,8 @@ def test_huge_float32_units_are_clipped_exactly_not_zeroed():
 
 @pytest.mark.parametrize("under_jit", [False, True])
 def test_units_past_2_to_126_times_their_limit_are_clipped_not_zeroed(under_jit):
-    # limit / norm = 2e-40 is subnormal: XLA:CPU flushed it to 0 and zeroed the unit.
+    # limit / norm = 2e-40 is subnormal: XLA:CPU flushes such a ratio to 0, which would zero
+    # the unit instead of scaling it to its limit.
     params = {"w": jnp.ones((4, 2))}
     grads = {"w": jnp.array([[1e38, 1e-3], [-1e38, 1e-3], [1e30, 0.0], [0.0, 0.0]], jnp.float32)}
     tx = optaxclip.adaptive_grad_clip(0.01)

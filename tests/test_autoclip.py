@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import batched, nnx_linear, nnx_train_step, resume_from_checkpoint, run_updates
+from helpers.runs import batched, nnx_linear, nnx_train_step, resume_from_checkpoint, run_updates
 from hypothesis import example, given
 from hypothesis import strategies as st
 

@@ -3,8 +3,9 @@
 The sharded runs need 8 host devices, and XLA reads the device count only when JAX starts,
 so they run in a fresh Python (``tests/distributed_scripts/dist_sharded_checks.py``) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; that script only records what it saw
-and the assertions are made here. The layout checks at the end run in this process on a
-one-device mesh (they fail at trace time, so nothing is compiled).
+and the assertions are made here. The checks at the end trace transforms inside
+``shard_map`` in this process, on a one-device mesh (nothing is compiled). The resolution of
+layouts themselves is tested in ``test_layout.py``.
 """
 
 from __future__ import annotations
@@ -23,16 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from helpers.runs import one_device_mesh, trace_in_shard_map
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
-from optaxclip._spec.layout import (
-    _manual_axis_types,
-    leaf_dim_axes,
-    leaf_reduction_axes,
-    normalize_axis_names,
-)
+from optaxclip._spec.layout import _manual_axis_types
 
 SCRIPTS = Path(__file__).parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -55,7 +51,7 @@ def host_device_env() -> dict[str, str]:
     flags += [
         "--xla_force_host_platform_device_count=8",
         # Backend (LLVM) optimisation does not change the HLO, the collectives or the order of
-        # the reductions; turning it off halves the compile time of these small programs.
+        # the reductions; turning it off shortens the compile time of these small programs.
         "--xla_backend_optimization_level=0",
         "--xla_llvm_disable_expensive_passes=true",
     ]
@@ -212,6 +208,7 @@ def test_collective_parser_recognises_gathers_and_vector_reductions() -> None:
     ]
 
 
+@pytest.mark.compiled_program
 @pytest.mark.parametrize("name", sorted(dc.CASES))
 def test_gspmd_hlo_reduces_only_scalars_and_small_stat_vectors_never_gradients(
     sharded: dict[str, Any], name: str
@@ -275,80 +272,10 @@ def test_pmap_counts_replicated_leaf_once_only_with_layout(sharded: dict[str, An
     )
 
 
-# ---- layout resolution, in this process, on a one-device mesh --------------------------------
-
-
-def one_device_mesh(*names: str) -> Mesh:
-    return Mesh(np.array(jax.devices()[:1]).reshape((1,) * len(names)), names)
-
-
-def trace_in_shard_map(fn: Any, tree: Any, specs: Any, mesh: Mesh, check_vma: bool = True) -> Any:
-    """Traces ``fn(tree)`` inside shard_map (no compile); returns what fn returned at trace."""
-    seen = []
-
-    def body(t: Any) -> Any:
-        seen.append(fn(t))
-        return t
-
-    jax.make_jaxpr(
-        jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=specs, check_vma=check_vma)
-    )(tree)
-    return seen[0]
+# ---- transforms traced in shard_map, in this process, on a one-device mesh -------------------
 
 
 GRADS = {"w": jnp.ones((2, 4)), "b": jnp.ones(4), "s": jnp.ones(())}
-
-
-def test_layout_from_shardings_reads_named_shardings_and_treats_unsharded_as_replicated() -> None:
-    mesh = one_device_mesh("data", "model")
-    tree = {
-        "array": jax.device_put(jnp.ones((2, 4)), NamedSharding(mesh, P(None, "model"))),
-        "plain": jnp.ones(3),
-        "numpy": np.ones(3),
-        "sharding": NamedSharding(mesh, P("data")),
-        "spec": P(("data", "model")),
-        "struct": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(mesh, P("model"))),
-    }
-    assert optaxclip.layout_from_shardings(tree) == {
-        "array": P(None, "model"),
-        "plain": P(),
-        "numpy": P(),
-        "sharding": P("data"),
-        "spec": P(("data", "model")),
-        "struct": P("model"),
-    }
-
-
-def test_layout_from_shardings_rejects_traced_and_unshardable_leaves() -> None:
-    with pytest.raises(TypeError, match=r"\['x'\].*traced"):
-        jax.jit(lambda t: optaxclip.layout_from_shardings(t) and 0)({"x": jnp.ones(2)})
-    with pytest.raises(TypeError, match=r"\['y'\].*no sharding"):
-        optaxclip.layout_from_shardings({"y": "text"})
-
-
-def test_layout_prefix_by_key_path_covers_nested_leaves_and_ignores_extra_entries() -> None:
-    mesh = one_device_mesh("model")
-    grads = {"enc": {"w": jnp.ones((2, 4)), "b": jnp.ones(4)}, "head": jnp.ones((4, 2))}
-    specs = {"enc": {"w": P(None, "model"), "b": P("model")}, "head": P()}
-    layout = {"enc": P("model"), "head": P(), "frozen": P("model")}
-    axes = trace_in_shard_map(
-        lambda t: leaf_reduction_axes(t, "model", layout), grads, specs, mesh, check_vma=False
-    )
-    assert axes == [("model",), ("model",), ()]
-
-
-def test_layout_from_vma_types_skips_replicated_leaves_without_a_layout() -> None:
-    mesh = one_device_mesh("data", "model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    axes = trace_in_shard_map(
-        lambda t: leaf_reduction_axes(t, ("data", "model"), None), GRADS, specs, mesh
-    )
-    # tree_leaves order: b, s, w
-    assert axes == [(), (), ("model",)]
-    dims = trace_in_shard_map(
-        lambda t: leaf_dim_axes(t, ("data", "model"), None), GRADS, specs, mesh
-    )
-    assert dims == [((),), (), None]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -394,118 +321,3 @@ def test_nonfinite_guard_traces_in_shard_map_with_and_without_axis_name(axis_nam
 
     varying = trace_in_shard_map(decision_type, grads, specs, mesh)
     assert varying == (set() if axis_name else {"model"})
-
-
-def test_without_vma_types_every_leaf_is_taken_as_split_along_all_axes() -> None:
-    mesh = one_device_mesh("data", "model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    axes = trace_in_shard_map(
-        lambda t: leaf_reduction_axes(t, ("data", "model"), None),
-        GRADS,
-        specs,
-        mesh,
-        check_vma=False,
-    )
-    assert axes == [("data", "model")] * 3
-
-
-def test_leaf_dim_axes_gives_each_dimensions_axes_from_partition_specs() -> None:
-    mesh = one_device_mesh("data", "model")
-    specs = {"w": P(("data", "model"), None), "b": P("model"), "s": P()}
-    dims = trace_in_shard_map(
-        lambda t: leaf_dim_axes(t, ("model", "data"), specs), GRADS, specs, mesh
-    )
-    assert dims == [(("model",),), (), (("data", "model"), ())]
-    axes = trace_in_shard_map(
-        lambda t: leaf_reduction_axes(t, ("model", "data"), specs), GRADS, specs, mesh
-    )
-    assert axes == [("model",), (), ("model", "data")]
-
-
-def test_layout_claiming_a_replicated_leaf_is_split_raises() -> None:
-    mesh = one_device_mesh("model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    bad = {"w": P(None, "model"), "b": P("model"), "s": P()}
-    with pytest.raises(ValueError, match=r"\['b'\].*split along \['model'\].*replicated"):
-        trace_in_shard_map(
-            lambda t: optaxclip.global_norm(t, axis_name="model", layout=bad), GRADS, specs, mesh
-        )
-
-
-def test_layout_naming_a_mapped_axis_missing_from_axis_name_raises() -> None:
-    mesh = one_device_mesh("data", "model")
-    specs = {"w": P("data", "model"), "b": P(), "s": P()}
-    with pytest.raises(ValueError, match=r"\['w'\].*'data'.*not in axis_name"):
-        trace_in_shard_map(
-            lambda t: optaxclip.global_norm(t, axis_name="model", layout=specs),
-            GRADS,
-            specs,
-            mesh,
-        )
-
-
-def test_layout_missing_a_leaf_names_that_leaf() -> None:
-    mesh = one_device_mesh("model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    with pytest.raises(ValueError, match=r"no entry for gradient leaf \['s'\]"):
-        trace_in_shard_map(
-            lambda t: optaxclip.global_norm(
-                t, axis_name="model", layout={"w": P(None, "model"), "b": P()}
-            ),
-            GRADS,
-            specs,
-            mesh,
-        )
-
-
-def test_layout_with_more_entries_than_dimensions_raises() -> None:
-    mesh = one_device_mesh("model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    layout = {"w": P(None, "model"), "b": P(None, None), "s": P()}
-    with pytest.raises(ValueError, match=r"\['b'\].*2 entries.*1 dimensions"):
-        trace_in_shard_map(
-            lambda t: leaf_reduction_axes(t, "model", layout), GRADS, specs, mesh, False
-        )
-
-
-def test_unreduced_partition_spec_is_rejected() -> None:
-    mesh = one_device_mesh("model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    layout = {"w": P(None, "model"), "b": P(unreduced={"model"}), "s": P()}
-    with pytest.raises(ValueError, match=r"\['b'\].*unreduced"):
-        trace_in_shard_map(
-            lambda t: leaf_reduction_axes(t, "model", layout), GRADS, specs, mesh, False
-        )
-
-
-def test_axis_name_outside_shard_map_raises_with_advice() -> None:
-    clipper = optaxclip.clip_by_global_norm(1.0, axis_name="model")
-    with pytest.raises(ValueError, match=r"'model' is not a mapped axis.*leave it None"):
-        jax.jit(clipper.update)(GRADS, clipper.init(GRADS))
-
-
-def test_layout_without_axis_name_raises() -> None:
-    with pytest.raises(ValueError, match="layout was given without axis_name"):
-        optaxclip.global_norm(GRADS, layout=P())
-
-
-@pytest.mark.parametrize(
-    ("axis_name", "error"),
-    [(3, TypeError), (("a", 1), TypeError), (("a", "a"), ValueError), ("", ValueError)],
-)
-def test_normalize_axis_names_rejects_bad_names(axis_name: Any, error: type) -> None:
-    with pytest.raises(error, match="axis_name"):
-        normalize_axis_names(axis_name)
-
-
-def test_layout_entry_of_wrong_type_names_the_leaf() -> None:
-    mesh = one_device_mesh("model")
-    specs = {"w": P(None, "model"), "b": P(), "s": P()}
-    with pytest.raises(TypeError, match=r"\['b'\]"):
-        trace_in_shard_map(
-            lambda t: leaf_reduction_axes(t, "model", lambda path, leaf: 3),
-            {"b": GRADS["b"]},
-            {"b": specs["b"]},
-            mesh,
-            False,
-        )

@@ -34,8 +34,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPTS = ("demo", "digits", "cliff", "spike_injection", "sharded_training")
 TIMEOUT_S = 600  # a hang guard only; the smoke runs take seconds on an idle machine
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# XLA:CPU compiles about 3x faster without backend optimisation and fusion emitters; the
-# programs compute the same functions (only float rounding may differ).
+# XLA:CPU compiles faster without backend optimisation and fusion emitters; the programs
+# compute the same functions (only float rounding may differ).
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
@@ -136,7 +136,7 @@ def test_demo_unclipped_run_goes_nonfinite_where_global_norm_clipping_stays_fini
     # Learning, not only staying finite: the clipped seeds end, at the median, below the loss
     # of predicting the mean target (1/6, the variance of the sum of two U(0, 1) values). A
     # single seed may still sit above it after 300 steps: where it ends depends on the float
-    # rounding of the CPU's kernels (one of three did on an AVX-512 machine, none on AVX2).
+    # rounding of the CPU's kernels, which differs between AVX-512 and AVX2 machines.
     assert float(np.median(finite_numbers(clipped["final_losses"]))) < 1 / 6
 
 

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import same_bits, to_f64
+from helpers.references import same_bits, to_f64
 
 import optaxclip
-from optaxclip._numerics.arithmetic import multiply
 
 pytestmark = pytest.mark.usefixtures("eager_ops")
 
@@ -137,27 +136,3 @@ def test_inf_zeroes_finite_leaves_in_optax_but_not_here():
     tx = optaxclip.clip_by_global_norm(1.0)
     ours, _ = tx.update(grads, tx.init(grads))
     assert same_bits(ours["b"], grads["b"]) and same_bits(ours["a"], grads["a"])
-
-
-# --- dtype-preserving multiply -------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64])
-def test_multiply_keeps_dtype_rounds_once_and_is_exact_for_scale_one(dtype):
-    rng = np.random.default_rng(0)
-    values = rng.standard_normal(64) * 100
-    if jnp.issubdtype(dtype, jnp.complexfloating):
-        values = values + 1j * rng.standard_normal(64)
-    x = jnp.asarray(values, dtype)
-    assert same_bits(multiply(x, jnp.float32(1.0)), x)
-    out = multiply(x, jnp.float32(0.3))
-    assert out.dtype == x.dtype
-    # One rounding of the exact product into the dtype (float32 scale, float64 reference).
-    expected = to_f64(x) * float(np.float32(0.3))
-    u = float(jnp.finfo(dtype).eps) / 2
-    assert np.all(np.abs(to_f64(out) - expected) <= (u + 2**-24) * np.abs(expected))
-
-
-def test_multiply_fp16_near_max_does_not_overflow():
-    x = jnp.array([65504.0, -65504.0], jnp.float16)
-    np.testing.assert_array_equal(multiply(x, jnp.float32(0.5)), [32752.0, -32752.0])

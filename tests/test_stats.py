@@ -9,16 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import (
+from helpers.references import (
     NORM_RTOL,
-    ORDS,
-    gradient_trees,
     ref_global_norm,
     ref_leaf_norm,
     ref_rms,
     ref_vector_norm,
     to_f64,
 )
+from helpers.strategies import ORDS, gradient_trees
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -120,7 +119,8 @@ VALUE_BOUNDS = st.sampled_from([0.0, 2.0**-100, 1e-35, 3e-20, 0.05, 1.0, 3e4, 1e
 @st.composite
 def value_clip_cases(draw):
     """Many leaves of one shape (the statistics vary per reduced array, see
-    _numerics.Transform) whose entries sit on, next to, inside and outside the bounds."""
+    ``optaxclip._lowering.DistinctOnes``) whose entries sit on, next to, inside and outside the
+    bounds."""
     dtype = jnp.dtype(draw(st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16])))
     high = draw(VALUE_BOUNDS)
     low = -high if draw(st.booleans()) else high - draw(VALUE_BOUNDS)
@@ -304,7 +304,8 @@ def test_clip_stats_suffixes_duplicates_and_never_overwrites_a_user_name():
     )
     _, state = tx.update(params, tx.init(params))
     stats = optaxclip.clip_stats(state)
-    # Regression: the user's own "clip_1" used to overwrite the second "clip".
+    # The second "clip" is suffixed to "clip_1"; the user's own "clip_1" must not be
+    # overwritten by it and is suffixed in turn.
     assert len(stats) == 4 * 6
     assert float(stats["clip/pre_clip_norm"]) == 5.0
     assert float(stats["clip_1/pre_clip_norm"]) == 5.0  # the second "clip", in chain order

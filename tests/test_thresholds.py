@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ref_leaf_norm, ref_rms, to_f64
+from helpers.references import ref_leaf_norm, ref_rms, to_f64
 
 import optaxclip
 from optaxclip._spec.thresholds import Threshold

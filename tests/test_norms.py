@@ -1,6 +1,7 @@
-"""Norms of pytrees (``global_norm``, ``leaf_norms``) and the safe arithmetic under them.
+"""Norms of pytrees, ``global_norm`` and ``leaf_norms``, against float64 references.
 
-Reference: float64 NumPy on the values as rounded to each leaf's dtype (see conftest.py).
+Reference: float64 NumPy on the values as rounded to each leaf's dtype (see
+``helpers/references.py``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import (
-    NORM_RTOL,
-    ORDS,
-    gradient_trees,
-    ref_global_norm,
-    ref_leaf_norm,
-)
+from helpers.references import NORM_RTOL, ref_global_norm, ref_leaf_norm
+from helpers.strategies import ORDS, gradient_trees
 from hypothesis import given
 from hypothesis import strategies as st
 
 import optaxclip
 from optaxclip import _lowering
-from optaxclip._numerics.arithmetic import combine_norms, safe_divide, safe_root
+from optaxclip._numerics.arithmetic import combine_norms
 
 # Op by op: see conftest.eager_ops (the jit tests below switch jit back on explicitly).
 pytestmark = pytest.mark.usefixtures("eager_ops")
@@ -122,7 +118,7 @@ def test_global_norm_is_exact_for_float64_leaves_under_x64():
             assert _rel_err(float(big), ref_leaf_norm(tree["big"], p)) <= 1e-13
 
 
-# --- the specific cases of the issue -------------------------------------------------------
+# --- specific cases ----------------------------------------------------------------------------
 
 
 def test_fp16_ones_norm_is_316_where_optax_overflows_to_inf():
@@ -152,7 +148,8 @@ def test_float32_leaves_of_magnitude_1e25_give_finite_exact_norm(p):
 @pytest.mark.parametrize("under_jit", [False, True])
 def test_entries_above_2_to_126_give_their_norm_or_inf(p, under_jit):
     # XLA:CPU divides by multiplying with the reciprocal, which it flushes to 0 when subnormal:
-    # a rescue that divided by the largest entry itself turned these norms into 0.
+    # a rescue that divided by the largest entry itself would turn these norms into 0 (see
+    # ``optaxclip._numerics.arithmetic.rescale_divisor``).
     tree = {
         "a": jnp.array([2e38, -1e38, 1.0], jnp.float32),
         "b": jnp.array([3e38, 3e38], jnp.float32),
@@ -193,9 +190,10 @@ def test_tiny_float32_values_give_exact_leaf_norms_for_non_euclidean_orders(p):
 
 
 def test_tiny_leaf_l2_norm_reads_zero_as_documented_trade_off():
-    # _numerics._needs_rescue: a per-leaf L2 norm whose squares all flush to zero (entries
-    # below ~1e-19) reads 0, so that all-zero (frozen) leaves never force the rescue pass.
-    # This pins the documented behaviour; global_norm of the same leaf is exact.
+    # ``optaxclip._numerics.arithmetic.needs_rescue``: a per-leaf L2 norm whose squares all
+    # flush to zero (entries below ~1e-19) reads 0, so that all-zero (frozen) leaves never
+    # force the rescue pass. This pins the documented behaviour; global_norm of the same leaf
+    # is exact.
     tree = {"a": jnp.full((4,), 1e-20, jnp.float32)}
     assert float(optaxclip.leaf_norms(tree)["a"]) == 0.0
     assert _rel_err(float(optaxclip.global_norm(tree)), 2e-20) <= NORM_RTOL
@@ -231,7 +229,7 @@ def test_complex_leaves_contribute_their_modulus(p):
 
 @pytest.mark.parametrize("p", ORDS)
 def test_nan_anywhere_gives_nan_norm_and_inf_gives_inf(p):
-    # Regression: a NaN total used to come out of safe_root as 0, hiding NaN gradients from
+    # A NaN total must come out of safe_root as NaN: a norm of 0 would hide NaN gradients from
     # the nonfinite policies.
     nan_tree = {"a": jnp.array([1.0, jnp.nan]), "b": jnp.ones(3, jnp.float16)}
     inf_tree = {"a": jnp.array([1.0, jnp.inf]), "b": jnp.ones(3, jnp.bfloat16)}
@@ -351,33 +349,3 @@ def test_norms_under_jit_and_vmap_equal_eager_loop_over_batch():
                 if p == 2 and 0 < expected < 1e-18:
                     continue  # the documented per-leaf flush (test_tiny_leaf_l2_norm_...)
                 assert _rel_err(float(per_leaf[key][i]), expected) <= NORM_RTOL
-
-
-# --- the safe helpers ---------------------------------------------------------------------
-
-
-def test_safe_divide_is_zero_where_denominator_is_zero_with_finite_gradient():
-    num = jnp.array([1.0, 2.0, 0.0])
-    den = jnp.array([2.0, 0.0, 0.0])
-    np.testing.assert_array_equal(safe_divide(num, den), [0.5, 0.0, 0.0])
-    grad = jax.grad(lambda d: jnp.sum(safe_divide(num, d)))(den)
-    assert bool(jnp.all(jnp.isfinite(grad)))
-    assert float(grad[0]) == pytest.approx(-0.25)
-
-
-@pytest.mark.parametrize("p", [1.0, 2.0, 3.5])
-def test_safe_root_matches_power_and_has_zero_derivative_at_zero(p):
-    total = jnp.array([0.0, 8.0, 1e30])
-    np.testing.assert_allclose(safe_root(total, p), np.array([0.0, 8.0, 1e30]) ** (1 / p), 1e-6)
-    assert float(jax.grad(lambda t: safe_root(t, p))(0.0)) == 0.0
-    assert math.isnan(float(safe_root(jnp.asarray(jnp.nan), p)))
-    assert float(safe_root(jnp.asarray(jnp.inf), p)) == math.inf
-
-
-@pytest.mark.parametrize("p", ORDS)
-def test_combine_norms_of_partial_norms_equals_norm_of_whole(p):
-    parts = np.array([3e30, 4e30, 0.0, 1e29])
-    expected = ref_leaf_norm(parts, p)
-    combined = float(combine_norms(jnp.asarray(parts, jnp.float32), p))
-    assert _rel_err(combined, expected) <= NORM_RTOL
-    assert float(combine_norms(jnp.zeros((0,), jnp.float32), p)) == 0.0
