@@ -35,26 +35,6 @@ def loss_is_finite(extra_args: dict[str, Any]) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.asarray(loss)))
 
 
-def _zeros_like_type(x: jax.ShapeDtypeStruct) -> jax.Array:
-    """Zeros of x's shape and dtype that vary over the same shard_map axes as x.
-
-    Both branches of ``lax.cond`` must have the same type, and inside
-    ``shard_map(check_vma=True)`` that includes the manual axes a value varies along.
-    """
-    zeros = jnp.zeros(x.shape, x.dtype)
-    mat = getattr(x, "manual_axis_type", None)  # older JAX: ``x.vma``
-    varying = tuple(
-        sorted(
-            (getattr(mat, "varying", None) if mat is not None else getattr(x, "vma", None)) or ()
-        )
-    )
-    if not varying:
-        return zeros
-    if hasattr(lax, "pcast"):
-        return lax.pcast(zeros, varying, to="varying")
-    return getattr(lax, "pvary")(zeros, varying)  # noqa: B009 (absent from newer JAX)
-
-
 def guarded_update(
     inner: optax.GradientTransformationExtraArgs,
     apply: jax.Array,
@@ -68,10 +48,11 @@ def guarded_update(
     def run() -> tuple[Any, Any]:
         return inner.update(updates, inner_state, params, **extra_args)
 
-    # The zeros take the shapes and dtypes of what the inner update would return.
+    # The zeros take the shapes, dtypes, shardings and device-variance types of what the
+    # inner update would return, as both branches of the conditional must.
     shapes, _ = jax.eval_shape(run)
 
     def skip() -> tuple[Any, Any]:
-        return jax.tree.map(_zeros_like_type, shapes), inner_state
+        return optax.tree.zeros_like(shapes), inner_state
 
     return lax.cond(apply, run, skip)
