@@ -83,9 +83,13 @@ def convert_per_reader(x: jax.Array, view: ReadView | int) -> jax.Array:
     ``test_bfloat16_leaves_are_never_copied_to_float32`` and
     ``test_nonfinite_guard_beside_a_logged_global_norm_makes_no_float32_copy``.
     """
+    return _behind_barriers(x, int(view))
+
+
+def _behind_barriers(x: jax.Array, depth: int) -> jax.Array:
     if not devices_apply() or x.dtype not in (jnp.float16, jnp.bfloat16):
         return x
-    for _ in range(int(view)):
+    for _ in range(depth):
         x = lax.optimization_barrier(x)
     return x
 
@@ -99,7 +103,7 @@ def converted_apart_from_the_output(leaves: Sequence[jax.Array]) -> list[jax.Arr
     device-variance type), each reads and converts for itself. Pinned by
     ``test_bfloat16_leaves_are_never_copied_to_float32``.
     """
-    return [convert_per_reader(x, 1) for x in leaves]
+    return [_behind_barriers(x, 1) for x in leaves]
 
 
 def read_apart_from_the_optimizer(x: jax.Array) -> jax.Array:

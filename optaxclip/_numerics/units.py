@@ -115,7 +115,9 @@ def unit_norms(
     the direct sums are used. The rescue decision is shared across ``block.agree`` (every axis
     the leaves are split along), so that all devices take the same branch.
     """
-    inputs = [lowering.convert_per_reader(_block_array(block, arrays, axes), 1) for block in blocks]
+    inputs = lowering.converted_apart_from_the_output(
+        [_block_array(block, arrays, axes) for block in blocks]
+    )
     reduced = [axes[b.members[0][0]] if b.axis is None else (b.axis,) for b in blocks]
 
     def flat(value: jax.Array, block: UnitBlock) -> jax.Array:
