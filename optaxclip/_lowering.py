@@ -1,18 +1,15 @@
 """Backend devices: every program shape chosen for one XLA backend, gathered in one place.
 
-The numerics above this module say what to compute. This module says how a few of those
-computations are laid out for the backend that runs them, where XLA's own passes were found
-to produce a slow program or a slow compile. Each device below has a name that says which XLA
-behaviour it answers, a paragraph on why, and the test that pins it. It is the only module of
-optaxclip that uses ``lax.optimization_barrier`` or ``lax.platform_dependent``.
+The numerics say what to compute; this module says how some of it is laid out where XLA's own
+passes gave a slow program or a slow compile. Each device has a name that says which XLA
+behaviour it answers, a paragraph on why, and the test that pins it. No other module uses
+``lax.optimization_barrier`` or ``lax.platform_dependent``.
 
-Every device was measured on XLA:CPU only, so each applies only there. Devices that choose the
-structure of the program (joins, barriers, stacks) decide when the program is traced, from
-``jax.default_backend()``; those that only add a conditional decide when it is lowered, through
-``lax.platform_dependent``. Everywhere else the plain formulation runs and XLA's own fusion is
-trusted. :func:`plain_lowering` forces the plain formulation, so that tests can check it on a
-CPU. A device changes how values are computed, never which values: results agree to float
-rounding between the two formulations (``test_plain_lowering_gives_the_same_values``).
+Each device was measured on XLA:CPU and applies only there: structural ones (joins, barriers,
+stacks) by ``jax.default_backend()`` at trace time, conditionals by ``lax.platform_dependent``
+at lowering. Elsewhere the plain formulation runs and XLA's fusion is trusted;
+:func:`plain_lowering` forces it for tests. Devices change how values are computed, not which:
+both formulations agree to float rounding (``test_plain_lowering_gives_the_same_values``).
 """
 
 from __future__ import annotations
@@ -32,11 +29,7 @@ _plain_forced = False
 
 @contextlib.contextmanager
 def plain_lowering() -> Iterator[None]:
-    """Within this context, programs traced use no device: the plain formulation only.
-
-    JAX reuses the trace of a function it has traced before, so only functions first traced
-    inside the context (a transform built there, say) are affected.
-    """
+    """Programs first traced in this context use no device (JAX reuses earlier traces)."""
     global _plain_forced
     previous, _plain_forced = _plain_forced, True
     try:
@@ -112,7 +105,7 @@ def read_apart_from_the_optimizer(x: jax.Array) -> jax.Array:
     XLA merges equal expressions, and XLA:CPU writes out in full an array that a reduction's
     fusion shares with another fusion. A norm's squares ``x * x`` are the squares Adam computes
     for its second moment when the same step updates with that leaf, so a step that logs
-    ``global_norm(grads)`` beside Adam wrote every large leaf's squares out. Read through a
+    ``global_norm(grads)`` beside Adam writes every large leaf's squares out. Read through a
     barrier of its own, the norm squares apart. Two of our reductions read the same barrier,
     so a logged norm and a clip's norm are still computed once. Joined leaves and fp16/bf16
     leaves need none. Pinned by ``test_a_norm_logged_beside_adam_writes_no_leaf_sized_array``
@@ -174,9 +167,7 @@ def computed_before_fusion(fn: Callable[[Any], Any], operands: Any, anchor: jax.
     return lax.platform_dependent(operands, anchor, cpu=on_cpu, default=elsewhere)
 
 
-# One conditional serves at most this many positions: XLA's buffer assignment takes time that
-# grows faster than linearly with the number of buffers one conditional keeps live.
-_POSITIONS_PER_COND = 64
+_POSITIONS_PER_COND = 64  # buffer assignment is superlinear in one conditional's outputs
 
 
 def positions_opaque_to_fusion(positions: Sequence[int], anchor: jax.Array) -> tuple[Any, ...]:
@@ -201,7 +192,7 @@ def positions_opaque_to_fusion(positions: Sequence[int], anchor: jax.Array) -> t
 
 
 def entries_per_leaf(vectors: Sequence[jax.Array]) -> list[list[jax.Array]]:
-    """``[[v[i] for i in range(n)] for v in vectors]``, read at opaque positions."""
+    """``[[v[i] for i in range(n)] for v in vectors]`` at opaque positions."""
     n = int(vectors[0].shape[0])
     if n <= 1:
         return [[v[i] for i in range(n)] for v in vectors]
@@ -255,21 +246,40 @@ def after_reads(flag: jax.Array, nonnegatives: Sequence[jax.Array]) -> jax.Array
 # is limited to _CONCAT_BYTES per reduction: XLA:CPU allocates its scratch memory afresh on
 # every call, and a block above glibc's mmap threshold is faulted in again on every step.
 # XLA:CPU emits a concatenation element by element, so at most _MAX_JOINED leaves go into
-# one. Unit matrices are stacked only up to _JOIN_UNITS_UP_TO entries, past which the copy
-# costs more than the loops it saves. A leaf whose type names a sharded axis is never
-# raveled. Pinned by ``test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each``
-# and ``test_norms_match_reference_however_leaves_are_batched``.
+# one; unit matrices only up to _JOIN_UNITS_UP_TO entries. Raveling a block split across
+# devices makes the SPMD partitioner gather it onto every device, so a leaf is joined only
+# where that provably moves no data (_joins_move_no_data). Pinned by
+# ``test_value_clip_statistics_reduce_small_leaves_together_not_one_loop_each``,
+# ``test_norms_match_reference_however_leaves_are_batched`` and, for sharded leaves,
+# ``test_no_gradient_data_crosses_devices``.
 _SMALL_LEAF = 1 << 16
 _CONCAT_BYTES = 24 << 20
 _MAX_JOINED = 512
 _JOIN_UNITS_UP_TO = 1 << 12
 
 
-def _can_join(x: jax.Array) -> bool:
-    """Whether ``x`` may be raveled into a concatenation (not an explicitly sharded type)."""
+def _joins_move_no_data(x: jax.Array) -> bool:
+    """Whether raveling ``x`` into a concatenation keeps every device's data where it is.
+
+    True with one device in the whole program (nothing can be split), inside a ``shard_map``
+    whose every mesh axis is manual (``x`` is this device's own block), and for a value typed
+    as replicated on a mesh with no automatic axis (explicit sharding says so). Under ``jit`` on
+    a mesh with automatic axes a value's split is not known while tracing, so it is never
+    joined there.
+    """
+    if jax.device_count() == 1:
+        return True
+    context = jax.sharding.get_abstract_mesh()
+    if not context.empty and context.are_all_axes_manual:
+        return True
     sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
     spec = getattr(sharding, "spec", None)
-    return spec is None or all(entry is None for entry in spec)
+    if mesh is None or spec is None or mesh.empty or mesh.auto_axes:
+        return False
+    manual = set(mesh.manual_axes)
+    named = {n for e in spec if e is not None for n in ((e,) if isinstance(e, str) else e)}
+    return named <= manual
 
 
 class _Budget:
@@ -281,7 +291,7 @@ class _Budget:
     def take(self, x: jax.Array, size: int, *, up_to: int | None = None) -> bool:
         nbytes = size * x.dtype.itemsize
         limit = _SMALL_LEAF if up_to is None else min(up_to, _SMALL_LEAF)
-        if 0 < x.size <= limit and nbytes <= self.left and _can_join(x):
+        if 0 < x.size <= limit and nbytes <= self.left and _joins_move_no_data(x):
             self.left -= nbytes
             return True
         return False
@@ -297,12 +307,10 @@ def _join(parts: list[jax.Array]) -> jax.Array:
 def joined_buckets(
     leaves: Sequence[jax.Array], transforms: Sequence[Transform | None], view: ReadView | int
 ) -> list[tuple[jax.Array, Transform | None, int]]:
-    """The arrays one reduction over all of ``leaves`` reads: (array, transform, twin index).
+    """The arrays one reduction over ``leaves`` reads: (array, transform, twin index).
 
-    Small leaves of one dtype sharing one transform (the same object, or none) are joined and
-    the transform is applied to the joined array. Reductions whose leaves share a transform
-    join the same arrays in the same order, so XLA computes each concatenation once for all
-    of them. A leaf reduced in place keeps its own transform.
+    Small leaves of one dtype sharing one transform object are joined, and reductions sharing
+    a transform join the same arrays in the same order, so XLA computes each join once.
     """
     budget = _Budget()
     alone: list[tuple[jax.Array, Transform | None]] = []
@@ -378,7 +386,7 @@ def stacked_unit_groups(
     alone: list[int] = []
     stacked: dict[Any, list[int]] = {}
     for i, x in enumerate(arrays):
-        if _can_join(weights[i]) and budget.take(x, int(x.size), up_to=_JOIN_UNITS_UP_TO):
+        if _joins_move_no_data(weights[i]) and budget.take(x, int(x.size), up_to=_JOIN_UNITS_UP_TO):
             stacked.setdefault(keys[i], []).append(i)
         else:
             alone.append(i)
@@ -391,11 +399,11 @@ def stacked_unit_groups(
 
 
 class JoinedVectors(NamedTuple):
-    """Per-piece vectors joined: ``columns[k]`` is column k of every piece, end to end."""
+    """``columns[k]``: column k of ``pieces`` (indices), end to end from ``offsets``."""
 
     columns: list[jax.Array]
-    pieces: list[int]  # which pieces, in order
-    offsets: list[int]  # where each piece starts
+    pieces: list[int]
+    offsets: list[int]
 
 
 def joined_vectors(
@@ -404,15 +412,15 @@ def joined_vectors(
     """Small per-leaf vectors (unit norms, limits) joined, so that they cost a few kernels.
 
     Pieces with equal ``keys`` (device axes, dtype) are joined, at most ``_MAX_JOINED`` at a
-    time, each joined column kept one buffer (``one_buffer``); pieces that are explicitly
-    sharded stay on their own. Without the devices every piece stays on its own.
+    time, each joined column kept one buffer (``one_buffer``); pieces that may be split across
+    devices stay on their own. Without the devices every piece stays on its own.
     """
     out: list[JoinedVectors] = []
     groups: dict[Any, list[int]] = {}
     for k, key in enumerate(keys):
         groups.setdefault(key, []).append(k)
     for idx in groups.values():
-        joinable = [k for k in idx if devices_apply() and all(map(_can_join, pieces[k]))]
+        joinable = [k for k in idx if devices_apply() and all(map(_joins_move_no_data, pieces[k]))]
         for k in idx:
             if k not in joinable:
                 out.append(JoinedVectors(list(pieces[k]), [k], [0]))

@@ -35,6 +35,25 @@ def loss_is_finite(extra_args: dict[str, Any]) -> jax.Array:
     return jnp.all(jnp.isfinite(jnp.asarray(loss)))
 
 
+def _zeros_of_type(x: jax.ShapeDtypeStruct) -> jax.Array:
+    """Zeros of the shape, dtype, sharding and device-variance type of ``x``.
+
+    ``jnp.zeros_like`` (as ``optax.tree.zeros_like`` calls it) keeps an Explicit mesh's
+    sharding, but refuses a type that varies along the manual axes of a ``shard_map``; there
+    the zeros are cast to vary along the same axes instead.
+    """
+    if not jax.sharding.get_abstract_mesh().manual_axes:
+        return jnp.zeros_like(x)
+    types = getattr(x, "manual_axis_type", None)
+    varying = getattr(types, "varying", None) if types is not None else getattr(x, "vma", None)
+    zeros = jnp.zeros(x.shape, x.dtype)
+    if not varying:
+        return zeros
+    if hasattr(lax, "pcast"):
+        return lax.pcast(zeros, tuple(sorted(varying)), to="varying")
+    return getattr(lax, "pvary")(zeros, tuple(sorted(varying)))  # noqa: B009 (older JAX)
+
+
 def guarded_update(
     inner: optax.GradientTransformationExtraArgs,
     apply: jax.Array,
@@ -48,11 +67,11 @@ def guarded_update(
     def run() -> tuple[Any, Any]:
         return inner.update(updates, inner_state, params, **extra_args)
 
-    # The zeros take the shapes, dtypes, shardings and device-variance types of what the
-    # inner update would return, as both branches of the conditional must.
+    # The zeros take the types of what the inner update would return, as both branches of
+    # the conditional must.
     shapes, _ = jax.eval_shape(run)
 
     def skip() -> tuple[Any, Any]:
-        return optax.tree.zeros_like(shapes), inner_state
+        return jax.tree.map(_zeros_of_type, shapes), inner_state
 
     return lax.cond(apply, run, skip)
