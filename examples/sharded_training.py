@@ -29,6 +29,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,32 @@ def part1_gspmd(mesh: jax.sharding.Mesh) -> dict[str, list[float]]:
             )
         kernel = nnx.state(model, nnx.Param)["up"]["kernel"][...]
         print(f"  'up' kernel stays sharded: {kernel.sharding.spec}")
+        check_update_collectives(tx, nnx.state(model, nnx.Param))
     return record
+
+
+COLLECTIVE = re.compile(
+    r"\s(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|"
+    r"collective-broadcast|ragged-all-to-all)(?:-start)?\("
+)
+
+
+def check_update_collectives(tx: optax.GradientTransformation, params: Any) -> None:
+    """Compiles ``tx.update`` on sharded gradients and checks what crosses devices.
+
+    The clipper must move no gradient data between devices: only all-reduces of scalars.
+    """
+    state = tx.init(params)
+    compiled = jax.jit(tx.update).lower(params, state, params).compile()
+    ops = []
+    for line in compiled.as_text().splitlines():
+        match = COLLECTIVE.search(line)
+        if match and "=" in line[: match.start()]:
+            ops.append((match.group(1), line.strip()))
+    for op, line in ops:
+        if op != "all-reduce" or re.search(r"\[[0-9]", line.split(" all-reduce")[0]):
+            raise SystemExit(f"the clipped update moves more than scalars across devices: {line}")
+    print(f"  the clipped update's only cross-device ops: {len(ops)} all-reduces of scalars")
 
 
 def forward_on_blocks(params: Any, x: jax.Array) -> jax.Array:

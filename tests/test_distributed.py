@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.hlo import collectives
 from helpers.runs import one_device_mesh, trace_in_shard_map
 from jax.sharding import PartitionSpec as P
 
@@ -34,7 +34,7 @@ SCRIPTS = Path(__file__).parent / "distributed_scripts"
 sys.path.insert(0, str(SCRIPTS))
 import dist_cases as dc  # noqa: E402
 
-MODES = ("gspmd", "shard_map_types", "shard_map_layout", "pmap")
+MODES = ("gspmd", "gspmd_auto", "shard_map_types", "shard_map_layout", "pmap")
 RTOL = 1e-6
 # Generous: the script compiles five programs, on a machine that may be shared.
 SCRIPT_TIMEOUT_S = 400
@@ -170,48 +170,35 @@ def test_gspmd_keeps_every_update_leaf_sharded_as_its_gradient(
     assert run["out_specs"] == expected
 
 
-# A collective in XLA's text: ``%name = <shape> op(...)``; async forms end in -start.
-COLLECTIVE = re.compile(
-    r"=\s*(?P<shape>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?)\s+"
-    r"(?P<op>all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter|"
-    r"collective-broadcast|ragged-all-to-all)(?:-start)?\("
-)
-ARRAY_SHAPE = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
-
-
-def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]], str]]:
-    """(op, the shapes it moves, the line) for every cross-device op in compiled HLO text."""
-    found = []
-    for line in hlo.splitlines():
-        match = COLLECTIVE.search(line)
-        if match:
-            shapes = [
-                tuple(int(d) for d in dims.split(",") if d)
-                for dims in ARRAY_SHAPE.findall(match.group("shape"))
-            ]
-            found.append((match.group("op"), shapes, line.strip()[:500]))
-    return found
-
-
-def test_collective_parser_recognises_gathers_and_vector_reductions() -> None:
+def test_collective_parser_reads_every_collective_and_the_bytes_it_moves() -> None:
     text = """
   %a = f32[] all-reduce(f32[] %x), replica_groups={}
   %b = (f32[], f32[4]{0}) all-reduce(%y, %z), channel_id=2
   %c = f32[16,8]{1,0} all-gather(f32[2,8]{1,0} %w), dimensions={0}
   %d = f32[8]{0} all-reduce-start(f32[8]{0} %v)
+  %e = bf16[2,3]{1,0} collective-permute(bf16[2,3]{1,0} %u), source_target_pairs={{0,1}}
+  %f = (f32[], f32[], f32[], f32[], f32[], /*index=5*/f32[], s32[7]{0}) all-reduce(%p0, %p1)
+  %g = (f32[4]{0}, f32[32]{0}) all-gather-start(f32[4]{0} %q), dimensions={0}
+  %h = f32[32]{0} all-gather-done((f32[4]{0}, f32[32]{0}) %g)
+  %all-reduce.1 = f32[] add(f32[] %r, f32[] %s)
 """
-    assert [(op, shapes) for op, shapes, _ in collectives(text)] == [
-        ("all-reduce", [()]),
-        ("all-reduce", [(), (4,)]),
-        ("all-gather", [(16, 8)]),
-        ("all-reduce", [(8,)]),
+    found = [(c.op, c.shapes, c.bytes) for c in collectives(text)]
+    assert found == [
+        ("all-reduce", [("f32", ())], 4),
+        ("all-reduce", [("f32", ()), ("f32", (4,))], 20),
+        ("all-gather", [("f32", (16, 8))], 512),
+        ("all-reduce", [("f32", (8,))], 32),
+        ("collective-permute", [("bf16", (2, 3))], 12),
+        ("all-reduce", [("f32", ())] * 6 + [("s32", (7,))], 52),
+        ("all-gather", [("f32", (32,))], 128),
     ]
 
 
 @pytest.mark.compiled_program
+@pytest.mark.parametrize("mode", ["gspmd", "gspmd_auto"])
 @pytest.mark.parametrize("name", sorted(dc.CASES))
 def test_gspmd_hlo_reduces_only_scalars_and_small_stat_vectors_never_gradients(
-    sharded: dict[str, Any], name: str
+    sharded: dict[str, Any], name: str, mode: str
 ) -> None:
     """No gradient crosses devices: only all-reduces of scalars and of short statistics vectors.
 
@@ -220,9 +207,9 @@ def test_gspmd_hlo_reduces_only_scalars_and_small_stat_vectors_never_gradients(
     holds, so an all-reduce standing in for a gather of a gradient would fail too. (The cases
     share one compiled program; a case that cannot be lowered with the others gets its own.)
     """
-    hlo = run_of(sharded, name, "gspmd")["hlo"]
+    hlo = run_of(sharded, name, mode)["hlo"]
     ops = collectives(hlo)
-    assert any(op == "all-reduce" for op, _, _ in ops), "the norm must be reduced across devices"
+    assert any(c.op == "all-reduce" for c in ops), "the norm must be reduced across devices"
     smallest_split_leaf = min(
         math.prod(s)
         for s, spec in zip(
@@ -233,9 +220,9 @@ def test_gspmd_hlo_reduces_only_scalars_and_small_stat_vectors_never_gradients(
         if any(entry is not None for entry in spec)
     )
     assert smallest_split_leaf > dc.STATS_REDUCTION_LIMIT
-    for op, shapes, line in ops:
+    for op, shapes, _, line in ops:
         assert op == "all-reduce", f"{name}: gradient data moved between devices: {line}"
-        for shape in shapes:
+        for _, shape in shapes:
             assert len(shape) <= 1 and math.prod(shape) <= dc.STATS_REDUCTION_LIMIT, (
                 f"{name}: an all-reduce of more than scalars / per-leaf or per-unit "
                 f"statistics: {line}"

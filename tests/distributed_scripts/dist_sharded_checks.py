@@ -8,8 +8,10 @@ Every way runs all the cases together for ``dist_cases.STEPS`` steps inside one 
 program (a ``lax.scan`` over the steps), so each way compiles once:
 
 * ``reference``: one device, no sharding;
-* ``gspmd``: ``jax.jit`` on arrays with a ``NamedSharding`` on the (data, model) mesh and no
-  ``axis_name``; the compiled HLO text is kept for the collective check;
+* ``gspmd``: ``jax.jit`` on arrays with a ``NamedSharding`` on the (data, model) mesh with
+  Explicit axes and no ``axis_name``; the compiled HLO text is kept for the collective check;
+* ``gspmd_auto``: the same on a ``jax.sharding.Mesh`` (Auto axes), whose shardings the traced
+  types do not carry;
 * ``shard_map_types``: ``jax.shard_map`` (check_vma=True) with ``axis_name=("data", "model")``
   and no layout, so replicated leaves are recognised from JAX's types; the state is replicated
   and typed invariant (shard_map rejects a state that could differ between devices);
@@ -260,9 +262,11 @@ def norms_with_and_without_layout() -> dict[str, float]:
 
 
 def _run_mode(mode: str, names: list[str], mesh: Any) -> dict[str, Any]:
+    auto_mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(dc.MESH_SHAPE), AXES)
     runners = {
         "reference": lambda n, lo: run_reference(n, lo),
         "gspmd": lambda n, lo: run_gspmd(n, mesh, lo),
+        "gspmd_auto": lambda n, lo: run_gspmd(n, auto_mesh, lo),
         "shard_map_types": lambda n, lo: run_shard_map(n, mesh, by_types=True, lower_only=lo),
         "shard_map_layout": lambda n, lo: run_shard_map(n, mesh, by_types=False, lower_only=lo),
         "pmap": lambda n, lo: run_pmap(n, lo),
@@ -285,7 +289,7 @@ def _run_mode(mode: str, names: list[str], mesh: Any) -> dict[str, Any]:
     return out
 
 
-MODES = ("reference", "gspmd", "shard_map_types", "shard_map_layout", "pmap")
+MODES = ("reference", "gspmd", "gspmd_auto", "shard_map_types", "shard_map_layout", "pmap")
 
 
 def main(argv: list[str]) -> None:
