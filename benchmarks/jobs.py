@@ -382,6 +382,34 @@ def torch_job(job: dict[str, Any]) -> None:
         emit({"event": "result", "id": case["id"], "record": record})
 
 
+def _state_like(tx: Any, tree: Any) -> Any:
+    """The abstract state of ``tx``: leaves shaped like a parameter keep its sharding."""
+    import jax
+
+    return jax.eval_shape(tx.init, tree)
+
+
+def _on_mesh(tree: Any, kind: str) -> Any:
+    """The abstract tree, each leaf split along 'model' of a (data=2, model=4) mesh."""
+    import jax
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if kind == "none":
+        return tree
+    if kind == "auto":
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    else:
+        mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+    def split(x: Any) -> Any:
+        spec = P(*([None] * (x.ndim - 1)), "model")
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree.map(split, tree)
+
+
 def compile_job(job: dict[str, Any]) -> None:
     """lower + compile of one (method, mode) at one leaf count, from abstract shapes."""
     import harness
@@ -394,15 +422,16 @@ def compile_job(job: dict[str, Any]) -> None:
         f"uniform{n}", "float32", tuple(harness.uniform_shapes(n)), "1024-element leaves"
     )
     common = {**job.get("common", {}), "n_leaves": n}
-    tree = harness.abstract_tree(spec)
+    plain_tree = harness.abstract_tree(spec)
     for case in job["cases"]:
         emit({"event": "start", "id": case["id"]})
         try:
+            tree = _on_mesh(plain_tree, case.get("mesh", "none"))
             mode = case["mode"]
             if mode == "optimizer":
                 tx = methods.optimizer(job["optimizer"])
                 fn, donate, _ = methods.train_step(tx)
-                args = (tree, jax.eval_shape(tx.init, tree), tree)
+                args = (tree, _state_like(tx, tree), tree)
             else:
                 method = methods.method_by_key(case["method"])
                 if method.factory is None:
@@ -411,10 +440,10 @@ def compile_job(job: dict[str, Any]) -> None:
                 if mode == "chain":
                     tx = optax.chain(clipper, methods.optimizer(job["optimizer"]))
                     fn, donate, _ = methods.train_step(tx)
-                    args = (tree, jax.eval_shape(tx.init, tree), tree)
+                    args = (tree, _state_like(tx, tree), tree)
                 else:
                     fn, donate, _ = methods.clip_step(clipper, method.needs_params)
-                    state = jax.eval_shape(clipper.init, tree)
+                    state = _state_like(clipper, tree)
                     args = (tree, state, tree) if method.needs_params else (tree, state)
             t0 = time.perf_counter()
             lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
@@ -447,6 +476,11 @@ JOBS = {
 
 def child_main(spec: str) -> None:
     job = json.loads(spec)
+    if any(case.get("mesh", "none") != "none" for case in job.get("cases", [])):
+        # Before JAX starts: the meshes need 8 devices, which a CPU host provides on request.
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
     if job["kind"] != "torch":
         import harness
 

@@ -220,6 +220,13 @@ def torch_tables(records: list[dict[str, Any]]) -> str:
     return "\n".join(parts)
 
 
+def _compile_method(r: dict[str, Any]) -> str:
+    """A compile record's method, with its mesh kind when it ran on a mesh."""
+    method = r.get("method") or "optimizer"
+    mesh = r.get("mesh", "none")
+    return method if mesh == "none" else f"{method}@{mesh}"
+
+
 def _compile_index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
     """One record per (method, mode, leaves): the median of the finished repeats.
 
@@ -230,7 +237,7 @@ def _compile_index(records: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         if r["section"] == "compile":
-            key = (r.get("method") or "optimizer", r["mode"], r["n_leaves"])
+            key = (_compile_method(r), r["mode"], r["n_leaves"])
             groups.setdefault(key, []).append(r)
     out = {}
     for key, group in groups.items():
@@ -282,7 +289,7 @@ def compile_table(records: list[dict[str, Any]]) -> str:
     idx = _compile_index(records)
     cases: list[tuple[str, str, str]] = []
     for r in rows:
-        key = (r.get("method") or "optimizer", r["mode"], r.get("label", r.get("method")))
+        key = (_compile_method(r), r["mode"], r.get("label", r.get("method")))
         if key not in cases:
             cases.append(key)
     head = " | ".join(f"{n} leaves" for n in leaves)

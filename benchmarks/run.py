@@ -76,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--small-leaves", type=int, default=None, help="leaves of many_small (2000)")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per timed case")
     p.add_argument("--compile-leaves", default=None, help="e.g. 100,1000,2000,5000")
+    p.add_argument(
+        "--compile-mesh",
+        default="none",
+        help="comma list of none (one device), auto (jax.sharding.Mesh), explicit "
+        "(jax.make_mesh, Explicit axes): the compile section's leaves are then split along "
+        "'model' of a (data=2, model=4) mesh of 8 host devices",
+    )
     p.add_argument("--compile-timeout", type=float, default=None, help="seconds per compile point")
     p.add_argument("--compile-methods", default=None, help="families for the compile section")
     p.add_argument(
@@ -399,6 +406,21 @@ class Suite:
         # machine hit all cases alike; a case that timed out is not run at larger counts.
         timed_out_at: dict[str, int] = {}
         repeats = a.compile_repeats
+        meshes = [m.strip() for m in a.compile_mesh.split(",") if m.strip()]
+        for bad in set(meshes) - {"none", "auto", "explicit"}:
+            raise SystemExit(f"--compile-mesh: unknown mesh kind {bad!r}")
+        # The variants ravel a leaf, which a sharded leaf does not allow: one device only.
+        cases = [
+            {
+                **case,
+                "id": case["id"] if mesh == "none" else f"{case['id']}@{mesh}",
+                "label": case["label"] if mesh == "none" else f"{case['label']} [{mesh} mesh]",
+                "mesh": mesh,
+            }
+            for mesh in meshes
+            for case in cases
+            if mesh == "none" or not str(case.get("method") or "").startswith("variant:")
+        ]
         for n in sorted(leaves):
             for repeat in range(repeats):
                 for case in cases:
