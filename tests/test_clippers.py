@@ -25,6 +25,7 @@ from helpers.references import (
     tree_dtype,
     unit_roundoff,
 )
+from helpers.runs import apply_once
 from helpers.strategies import ORDS, RATIOS, gradient_trees
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -35,20 +36,12 @@ import optaxclip
 pytestmark = pytest.mark.usefixtures("eager_ops")
 
 
-def _apply(tx, tree):
-    return tx.update(tree, tx.init(tree))
-
-
-def _leaves(tree):
-    return jax.tree.leaves(tree)
-
-
 # --- properties ------------------------------------------------------------------------------
 
 
 @given(tree=gradient_trees(), p=st.sampled_from(ORDS), ratio=st.sampled_from([1.1, 2.0, 1e6]))
 def test_below_threshold_every_clipper_returns_input_bit_for_bit(tree, p, ratio):
-    leaves = _leaves(tree)
+    leaves = jax.tree.leaves(tree)
     global_limit = ratio * ref_global_norm(tree, p)
     leaf_limit = ratio * max([ref_leaf_norm(x, p) for x in leaves], default=0.0)
     rms_limit = ratio * max([ref_rms(x) for x in leaves], default=0.0)
@@ -61,8 +54,8 @@ def test_below_threshold_every_clipper_returns_input_bit_for_bit(tree, p, ratio)
     if not any(jnp.iscomplexobj(x) for x in leaves):
         clippers.append(optaxclip.clip_by_value(value_limit))
     for tx in clippers:
-        out, state = _apply(tx, tree)
-        assert all(same_bits(o, x) for o, x in zip(_leaves(out), leaves, strict=True))
+        out, state = apply_once(tx, tree)
+        assert all(same_bits(o, x) for o, x in zip(jax.tree.leaves(out), leaves, strict=True))
         assert float(state.stats.clipped_fraction) == 0.0
 
 
@@ -78,7 +71,7 @@ def test_below_threshold_every_clipper_returns_input_bit_for_bit(tree, p, ratio)
 )
 def test_clipping_twice_equals_clipping_once(tree, p, ratio):
     limit = ratio * ref_global_norm(tree, p)
-    leaf_limit = ratio * max([ref_leaf_norm(x, p) for x in _leaves(tree)], default=0.0)
+    leaf_limit = ratio * max([ref_leaf_norm(x, p) for x in jax.tree.leaves(tree)], default=0.0)
 
     def excess_global(out):
         return ref_global_norm(out, p) / limit - 1 if limit > 0 else 0.0
@@ -86,7 +79,9 @@ def test_clipping_twice_equals_clipping_once(tree, p, ratio):
     def excess_leaf(out):
         if leaf_limit <= 0:
             return 0.0
-        return max([ref_leaf_norm(x, p) / leaf_limit - 1 for x in _leaves(out)], default=0.0)
+        return max(
+            [ref_leaf_norm(x, p) / leaf_limit - 1 for x in jax.tree.leaves(out)], default=0.0
+        )
 
     def excess_rms(out):
         if leaf_limit <= 0:
@@ -94,7 +89,7 @@ def test_clipping_twice_equals_clipping_once(tree, p, ratio):
         return max(
             [
                 ref_leaf_norm(x, 2.0) / math.sqrt(max(x.size, 1)) / leaf_limit - 1
-                for x in _leaves(out)
+                for x in jax.tree.leaves(out)
             ],
             default=0.0,
         )
@@ -104,14 +99,14 @@ def test_clipping_twice_equals_clipping_once(tree, p, ratio):
         (optaxclip.clip_by_leaf_norm(leaf_limit, ord=p), excess_leaf),
         (optaxclip.clip_by_block_rms(leaf_limit), excess_rms),
     ]:
-        once, state = _apply(tx, tree)
+        once, state = apply_once(tx, tree)
         twice, _ = tx.update(once, state)
         # The second pass can only rescale by the float32 rounding of the first norm, plus
         # however far the rounded first output ended above the threshold: in fp16/bf16 that
         # is the least precise leaf's u, or more where fp16 entries are subnormal (their
         # rounding error is absolute, 2**-25). Every leaf is then rounded again (its own u).
         rescale = NORM_RTOL + unit_roundoff(tree_dtype(tree)) + max(excess(once), 0.0)
-        for a, b in zip(_leaves(twice), _leaves(once), strict=True):
+        for a, b in zip(jax.tree.leaves(twice), jax.tree.leaves(once), strict=True):
             assert a.dtype == b.dtype
             assert_close_to_ref(a, to_f64(b), b.dtype, rtol=rescale)
 
@@ -123,11 +118,11 @@ def test_max_norm_zero_gives_zeros_and_never_nan(tree, p):
         optaxclip.clip_by_leaf_norm(0.0, ord=p),
         optaxclip.clip_by_block_rms(0.0),
     ]
-    if not any(jnp.iscomplexobj(x) for x in _leaves(tree)):
+    if not any(jnp.iscomplexobj(x) for x in jax.tree.leaves(tree)):
         clippers.append(optaxclip.clip_by_value(0.0))
     for tx in clippers:
-        out, state = _apply(tx, tree)
-        for o, x in zip(_leaves(out), _leaves(tree), strict=True):
+        out, state = apply_once(tx, tree)
+        for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True):
             assert o.dtype == x.dtype
             assert not np.any(to_f64(o)), tx
         assert all(math.isfinite(float(v)) for v in state.stats[:5])
@@ -144,8 +139,8 @@ def test_max_norm_zero_zeroes_tiny_and_all_zero_gradients(p):
             optaxclip.clip_by_block_rms(0.0),
             optaxclip.clip_by_value(0.0),
         ]:
-            out, _ = _apply(tx, tree)
-            assert all(not np.any(to_f64(o)) for o in _leaves(out))
+            out, _ = apply_once(tx, tree)
+            assert all(not np.any(to_f64(o)) for o in jax.tree.leaves(out))
 
 
 def test_float64_leaves_are_clipped_exactly_under_x64():
@@ -162,7 +157,7 @@ def test_float64_leaves_are_clipped_exactly_under_x64():
         references = [ref_clip_global(tree, 1.0, p)[0] for p in ORDS]
         references.append(ref_clip_leaf(tree, [1.0, 1.0], 2.0))
         for out, expected in zip(outs, references, strict=True):
-            for o, e in zip(_leaves(out), expected, strict=True):
+            for o, e in zip(jax.tree.leaves(out), expected, strict=True):
                 assert o.dtype == jnp.float64
                 np.testing.assert_allclose(to_f64(o), e, rtol=1e-13)
 
@@ -176,7 +171,7 @@ def test_empty_trees_zero_size_and_none_leaves_pass_through_every_clipper():
             optaxclip.clip_by_block_rms(1.0),
             optaxclip.clip_by_value(1.0),
         ]:
-            out, state = _apply(tx, tree)
+            out, state = apply_once(tx, tree)
             assert jax.tree.structure(out) == jax.tree.structure(tree)
             assert int(state.stats.count) == 1
             assert all(math.isfinite(float(v)) for v in state.stats[:2])
@@ -215,7 +210,7 @@ def test_norms_past_2_to_126_times_the_threshold_are_clipped_not_zeroed(
         "rms": lambda: ref_clip_rms(tree, limit),
     }[kind]()
     assert_leaves_match(ours, expected, tree)
-    assert max(np.max(np.abs(to_f64(x))) for x in _leaves(ours)) > 0
+    assert max(np.max(np.abs(to_f64(x))) for x in jax.tree.leaves(ours)) > 0
     reference_post = math.sqrt(sum(float(np.sum(e**2)) for e in expected))
     assert float(state.stats.post_clip_norm) == pytest.approx(reference_post, rel=1e-2)
 
@@ -228,9 +223,9 @@ def test_agrees_with_optax_on_finite_float32_gradients(tree):
         (optaxclip.clip_by_value(0.5), optax.clip(0.5)),
         (optaxclip.clip_by_block_rms(0.1), optax.clip_by_block_rms(0.1)),
     ]:
-        ours, _ = _apply(ours_tx, tree)
-        theirs, _ = _apply(theirs_tx, tree)
-        for a, b in zip(_leaves(ours), _leaves(theirs), strict=True):
+        ours, _ = apply_once(ours_tx, tree)
+        theirs, _ = apply_once(theirs_tx, tree)
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
             assert_close_to_ref(a, to_f64(b), jnp.float32)
 
 
@@ -255,14 +250,14 @@ def _clipper_cases():
         (
             "leaf-2",
             lambda t: optaxclip.clip_by_leaf_norm(t),
-            lambda tree, t: ref_clip_leaf(tree, [t] * len(_leaves(tree)), 2.0),
+            lambda tree, t: ref_clip_leaf(tree, [t] * len(jax.tree.leaves(tree)), 2.0),
         ),
         ("rms", optaxclip.clip_by_block_rms, ref_clip_rms),
         (
             "value",
             optaxclip.clip_by_value,
             # Exact float64 bounds (not rounded to float32) so finite differences see t +- h.
-            lambda tree, t: [np.clip(to_f64(x), -t, t) for x in _leaves(tree)],
+            lambda tree, t: [np.clip(to_f64(x), -t, t) for x in jax.tree.leaves(tree)],
         ),
     ]
 
@@ -276,11 +271,13 @@ def test_meta_gradients_are_finite_at_zero_gradient_and_zero_threshold(factory):
 
     def loss(tree, t):
         out, _ = factory(t).update(tree, factory(t).init(tree))
-        return sum(jnp.sum(wi * o) for wi, o in zip(_leaves(w), _leaves(out), strict=True))
+        return sum(
+            jnp.sum(wi * o) for wi, o in zip(jax.tree.leaves(w), jax.tree.leaves(out), strict=True)
+        )
 
     for t in (0.0, 1.0):
         g_tree, g_t = jax.grad(loss, argnums=(0, 1))(zeros, t)
-        assert all(bool(jnp.all(jnp.isfinite(g))) for g in _leaves(g_tree))
+        assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(g_tree))
         assert math.isfinite(float(g_t))
 
 
@@ -298,14 +295,14 @@ def test_meta_gradients_match_float64_finite_differences_away_from_kinks(case):
 
     def ref_loss(tree64, t):
         out = reference(tree64, t)
-        return sum(float(np.sum(wi * o)) for wi, o in zip(_leaves(w), out, strict=True))
+        return sum(float(np.sum(wi * o)) for wi, o in zip(jax.tree.leaves(w), out, strict=True))
 
     def loss(tree32, t):
         tx = factory(t)
         out, _ = tx.update(tree32, tx.init(tree32))
         return sum(
             jnp.sum(jnp.asarray(wi, jnp.float32) * o)
-            for wi, o in zip(_leaves(w), _leaves(out), strict=True)
+            for wi, o in zip(jax.tree.leaves(w), jax.tree.leaves(out), strict=True)
         )
 
     g_tree, g_t = jax.grad(loss, argnums=(0, 1))(tree, threshold)
@@ -317,7 +314,7 @@ def test_meta_gradients_match_float64_finite_differences_away_from_kinks(case):
     fd_dir = (ref_loss(plus, threshold) - ref_loss(minus, threshold)) / (2 * h)
     ours_dir = sum(
         float(np.sum(to_f64(g) * d))
-        for g, d in zip(_leaves(g_tree), _leaves(direction), strict=True)
+        for g, d in zip(jax.tree.leaves(g_tree), jax.tree.leaves(direction), strict=True)
     )
     assert ours_dir == pytest.approx(fd_dir, rel=1e-4, abs=1e-5)
 
@@ -344,12 +341,12 @@ def test_vmap_over_batch_of_gradients_equals_loop_and_jit_equals_eager():
         jitted = jax.jit(update_all)(one, states)
     eager = update_all(one, states)
     for (jit_out, _), (eager_out, _) in zip(jitted, eager, strict=True):
-        for a, b in zip(_leaves(jit_out), _leaves(eager_out), strict=True):
+        for a, b in zip(jax.tree.leaves(jit_out), jax.tree.leaves(eager_out), strict=True):
             assert_close_to_ref(a, to_f64(b), a.dtype, rtol=1e-6)
     for i in range(4):
         looped = update_all(jax.tree.map(lambda x, i=i: x[i], batch), states)
         for (b_out, b_state), (l_out, l_state) in zip(batched, looped, strict=True):
-            for a, b in zip(_leaves(b_out), _leaves(l_out), strict=True):
+            for a, b in zip(jax.tree.leaves(b_out), jax.tree.leaves(l_out), strict=True):
                 assert_close_to_ref(a[i], to_f64(b), b.dtype, rtol=1e-6)
             assert float(b_state.stats.pre_clip_norm[i]) == pytest.approx(
                 float(l_state.stats.pre_clip_norm), rel=1e-6

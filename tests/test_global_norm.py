@@ -22,6 +22,7 @@ from helpers.references import (
     tree_dtype,
     unit_roundoff,
 )
+from helpers.runs import apply_once
 from helpers.strategies import ORDS, RATIOS, gradient_trees
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,21 +35,13 @@ pytestmark = pytest.mark.usefixtures("eager_ops")
 HIGH_PRECISION = (jnp.dtype(jnp.float32), jnp.dtype(jnp.complex64))
 
 
-def _apply(tx, tree):
-    return tx.update(tree, tx.init(tree))
-
-
-def _leaves(tree):
-    return jax.tree.leaves(tree)
-
-
 # --- agreement with the float64 reference on random trees ----------------------------------
 
 
 @given(tree=gradient_trees(), p=st.sampled_from(ORDS), ratio=RATIOS)
 def test_clip_by_global_norm_matches_float64_reference(tree, p, ratio):
     limit = ratio * ref_global_norm(tree, p)
-    out, state = _apply(optaxclip.clip_by_global_norm(limit, ord=p), tree)
+    out, state = apply_once(optaxclip.clip_by_global_norm(limit, ord=p), tree)
     expected, norm, scale = ref_clip_global(tree, limit, p)
     assert_leaves_match(out, expected, tree)
     assert float(state.stats.pre_clip_norm) == pytest.approx(norm, rel=NORM_RTOL)
@@ -61,15 +54,15 @@ def test_clip_by_global_norm_matches_float64_reference(tree, p, ratio):
 @given(tree=gradient_trees(), p=st.sampled_from(ORDS), ratio=RATIOS)
 def test_global_clip_output_norm_is_at_most_threshold(tree, p, ratio):
     limit = ratio * ref_global_norm(tree, p)
-    out, _ = _apply(optaxclip.clip_by_global_norm(limit, ord=p), tree)
+    out, _ = apply_once(optaxclip.clip_by_global_norm(limit, ord=p), tree)
     post = ref_global_norm(out, p)
-    if all(x.dtype in HIGH_PRECISION for x in _leaves(tree)):
+    if all(x.dtype in HIGH_PRECISION for x in jax.tree.leaves(tree)):
         assert post <= limit * (1 + 1e-6)
     else:
         # fp16/bf16: every element is rounded into its dtype after scaling (relative u) and
         # may land on an fp16 subnormal (absolute flush_atol), so the bound grows by that.
-        n = sum(x.size for x in _leaves(tree))
-        atol = max(flush_atol(x.dtype) for x in _leaves(tree))
+        n = sum(x.size for x in jax.tree.leaves(tree))
+        atol = max(flush_atol(x.dtype) for x in jax.tree.leaves(tree))
         slack = n ** (0 if p == math.inf else 1 / p) * atol
         assert post <= limit * (1 + 1e-6) * (1 + unit_roundoff(tree_dtype(tree))) + slack
 
@@ -77,9 +70,9 @@ def test_global_clip_output_norm_is_at_most_threshold(tree, p, ratio):
 @given(tree=gradient_trees(), p=st.sampled_from(ORDS), ratio=RATIOS)
 def test_global_clip_preserves_direction(tree, p, ratio):
     limit = ratio * ref_global_norm(tree, p)
-    out, _ = _apply(optaxclip.clip_by_global_norm(limit, ord=p), tree)
+    out, _ = apply_once(optaxclip.clip_by_global_norm(limit, ord=p), tree)
     expected, _, _ = ref_clip_global(tree, limit, p)
-    assert_parallel(_leaves(out), _leaves(tree), expected)
+    assert_parallel(jax.tree.leaves(out), jax.tree.leaves(tree), expected)
 
 
 # --- specific cases and the optax contrasts ------------------------------------------------
@@ -87,8 +80,8 @@ def test_global_clip_preserves_direction(tree, p, ratio):
 
 def test_fp16_ones_are_scaled_to_threshold_where_optax_zeroes_them():
     tree = {"w": jnp.ones(100_000, jnp.float16)}
-    ours, state = _apply(optaxclip.clip_by_global_norm(1.0), tree)
-    theirs, _ = _apply(optax.clip_by_global_norm(1.0), tree)
+    ours, state = apply_once(optaxclip.clip_by_global_norm(1.0), tree)
+    theirs, _ = apply_once(optax.clip_by_global_norm(1.0), tree)
     assert not np.any(to_f64(theirs["w"]))  # optax: fp16 norm overflows to inf, update zeroed
     assert float(state.stats.pre_clip_norm) == pytest.approx(math.sqrt(1e5), rel=NORM_RTOL)
     assert ours["w"].dtype == jnp.float16
@@ -97,19 +90,19 @@ def test_fp16_ones_are_scaled_to_threshold_where_optax_zeroes_them():
 
 def test_float32_1e20_leaves_are_scaled_where_optax_zeroes_them():
     tree = {"a": jnp.full((4,), 2e19, jnp.float32), "b": jnp.full((2,), -1e20, jnp.float32)}
-    ours, _ = _apply(optaxclip.clip_by_global_norm(1.0), tree)
-    theirs, _ = _apply(optax.clip_by_global_norm(1.0), tree)
-    assert not any(np.any(to_f64(x)) for x in _leaves(theirs))  # optax: norm inf -> zeros
+    ours, _ = apply_once(optaxclip.clip_by_global_norm(1.0), tree)
+    theirs, _ = apply_once(optax.clip_by_global_norm(1.0), tree)
+    assert not any(np.any(to_f64(x)) for x in jax.tree.leaves(theirs))  # optax: norm inf -> zeros
     expected, _, _ = ref_clip_global(tree, 1.0, 2.0)
     assert_leaves_match(ours, expected, tree)
 
 
 def test_max_norm_zero_on_zero_gradient_gives_zeros_where_optax_gives_nan():
     tree = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2), jnp.float16)}
-    theirs, _ = _apply(optax.clip_by_global_norm(0.0), tree)
+    theirs, _ = apply_once(optax.clip_by_global_norm(0.0), tree)
     assert np.all(np.isnan(to_f64(theirs["a"])))
-    ours, state = _apply(optaxclip.clip_by_global_norm(0.0), tree)
-    assert all(same_bits(o, jnp.zeros_like(o)) for o in _leaves(ours))
+    ours, state = apply_once(optaxclip.clip_by_global_norm(0.0), tree)
+    assert all(same_bits(o, jnp.zeros_like(o)) for o in jax.tree.leaves(ours))
     assert float(state.stats.scale) == 1.0
 
 
@@ -144,7 +137,7 @@ def test_global_clip_agrees_with_torch_clip_grad_norm():
                 param.grad = torch.tensor(v.astype(np.float64))
             total = float(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=p))
             tree = [jnp.asarray(v) for v in values]
-            out, state = _apply(optaxclip.clip_by_global_norm(max_norm, ord=p), tree)
+            out, state = apply_once(optaxclip.clip_by_global_norm(max_norm, ord=p), tree)
             assert float(state.stats.pre_clip_norm) == pytest.approx(total, rel=NORM_RTOL)
             # torch multiplies by max_norm / (total + 1e-6) (when that is < 1), so its result is
             # smaller than the exact one by the relative amount 1e-6 / total; on top of that
@@ -180,7 +173,7 @@ def test_chain_equals_clipping_then_optimizer_by_hand(make_opt):
         updates, chain_state = chained.update(grads, chain_state, params)
         clipped, clip_state = clip.update(grads, clip_state, params)
         by_hand, opt_state = opt.update(clipped, opt_state, params)
-        for a, b in zip(_leaves(updates), _leaves(by_hand), strict=True):
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(by_hand), strict=True):
             assert same_bits(a, b)
         params = optax.apply_updates(params, updates)
     assert int(optaxclip.clip_stats(chain_state)["clip_by_global_norm/count"]) == 3

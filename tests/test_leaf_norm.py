@@ -15,6 +15,7 @@ from helpers.references import (
     ref_rms,
     unit_roundoff,
 )
+from helpers.runs import apply_once
 from helpers.strategies import ORDS, RATIOS, gradient_trees
 from hypothesis import given
 from hypothesis import strategies as st
@@ -23,14 +24,6 @@ import optaxclip
 
 # Op by op: see conftest.eager_ops.
 pytestmark = pytest.mark.usefixtures("eager_ops")
-
-
-def _apply(tx, tree):
-    return tx.update(tree, tx.init(tree))
-
-
-def _leaves(tree):
-    return jax.tree.leaves(tree)
 
 
 def _path_keys(tree):
@@ -46,22 +39,25 @@ def _path_keys(tree):
 def test_clip_by_leaf_norm_matches_float64_reference_with_per_leaf_function(tree, p, ratios):
     keys = _path_keys(tree)
     limits = {
-        k: r * ref_leaf_norm(x, p) for k, r, x in zip(keys, ratios, _leaves(tree), strict=False)
+        k: r * ref_leaf_norm(x, p)
+        for k, r, x in zip(keys, ratios, jax.tree.leaves(tree), strict=False)
     }
     tx = optaxclip.clip_by_leaf_norm(lambda path, leaf: limits[jax.tree_util.keystr(path)], ord=p)
-    out, _ = _apply(tx, tree)
+    out, _ = apply_once(tx, tree)
     expected = ref_clip_leaf(tree, [limits[k] for k in keys], p)
-    for o, e, x in zip(_leaves(out), expected, _leaves(tree), strict=True):
+    for o, e, x in zip(jax.tree.leaves(out), expected, jax.tree.leaves(tree), strict=True):
         assert o.dtype == x.dtype
         assert_close_to_ref(o, e, x.dtype)
 
 
 @given(tree=gradient_trees(), ratio=RATIOS)
 def test_clip_by_block_rms_matches_float64_reference(tree, ratio):
-    rms = [ref_rms(x) for x in _leaves(tree)]
+    rms = [ref_rms(x) for x in jax.tree.leaves(tree)]
     limit = ratio * max(rms, default=1.0)
-    out, _ = _apply(optaxclip.clip_by_block_rms(limit), tree)
-    for o, e, x in zip(_leaves(out), ref_clip_rms(tree, limit), _leaves(tree), strict=True):
+    out, _ = apply_once(optaxclip.clip_by_block_rms(limit), tree)
+    for o, e, x in zip(
+        jax.tree.leaves(out), ref_clip_rms(tree, limit), jax.tree.leaves(tree), strict=True
+    ):
         assert o.dtype == x.dtype
         assert_close_to_ref(o, e, x.dtype)
 
@@ -77,7 +73,7 @@ def test_leaf_clip_bounds_each_leaf_and_keeps_each_direction():
         "z": jnp.asarray(rng.standard_normal(2) * 1e25, jnp.float32),
     }
     for p in ORDS:
-        out, _ = _apply(optaxclip.clip_by_leaf_norm(1.0, ord=p), tree)
+        out, _ = apply_once(optaxclip.clip_by_leaf_norm(1.0, ord=p), tree)
         for key in tree:
             dtype = tree[key].dtype
             assert ref_leaf_norm(out[key], p) <= 1 + 1e-6 + unit_roundoff(dtype)

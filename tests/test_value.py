@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.references import ref_clip_value, to_f64
+from helpers.runs import apply_once
 from helpers.strategies import FLOAT_DTYPES, gradient_trees
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,14 +20,6 @@ pytestmark = pytest.mark.usefixtures("eager_ops")
 REAL_DTYPES = tuple(d for d in FLOAT_DTYPES if not jnp.issubdtype(d, jnp.complexfloating))
 
 
-def _apply(tx, tree):
-    return tx.update(tree, tx.init(tree))
-
-
-def _leaves(tree):
-    return jax.tree.leaves(tree)
-
-
 @given(
     tree=gradient_trees(dtypes=REAL_DTYPES),
     high=st.one_of(st.just(0.0), st.floats(1e-30, 1e4)),
@@ -36,17 +29,17 @@ def test_clip_by_value_matches_float64_reference(tree, high, width):
     # Bounds are 0 or normal floats: a subnormal float32 bound is flushed to 0 by XLA on CPU.
     low = -high if width is None else high - width
     tx = optaxclip.clip_by_value(high) if width is None else optaxclip.clip_by_value(high, low)
-    out, state = _apply(tx, tree)
+    out, state = apply_once(tx, tree)
     expected = ref_clip_value(tree, low, high)
     # Clamping is exact: each element is either the input or a bound rounded to the dtype.
-    for o, e, x in zip(_leaves(out), expected, _leaves(tree), strict=True):
+    for o, e, x in zip(jax.tree.leaves(out), expected, jax.tree.leaves(tree), strict=True):
         assert o.dtype == x.dtype
         np.testing.assert_array_equal(to_f64(o), e)
     n_clamped = sum(
         int(np.sum(to_f64(o) != to_f64(x)))
-        for o, x in zip(_leaves(out), _leaves(tree), strict=True)
+        for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(tree), strict=True)
     )
-    total = sum(x.size for x in _leaves(tree))
+    total = sum(x.size for x in jax.tree.leaves(tree))
     # Elements already on a bound are neither moved nor counted.
     assert float(state.stats.clipped_fraction) == pytest.approx(n_clamped / max(total, 1))
 

@@ -18,6 +18,11 @@ import optax
 from jax.sharding import Mesh
 
 
+def apply_once(tx: optax.GradientTransformation, tree: Any) -> tuple[Any, Any]:
+    """``tx.update`` of ``tree`` from a fresh ``tx.init(tree)``: (updates, state)."""
+    return tx.update(tree, tx.init(tree))
+
+
 def step_slices(stacked: Any, steps: Sequence[int]) -> list[Any]:
     """The gradients of the given steps from a pytree of arrays stacked along axis 0."""
     return [jax.tree.map(lambda v, t=t: v[t], stacked) for t in steps]
