@@ -99,6 +99,18 @@ def make_stats(
     )
 
 
+def nothing_clipped(name: str, count: ArrayLike) -> ClipStats:
+    """The stats of a step with no leaf to clip (an empty tree, or every leaf excluded)."""
+    return make_stats(
+        name,
+        count=count,
+        pre_clip_norm=0.0,
+        post_clip_norm=0.0,
+        threshold=jnp.inf,
+        clipped_fraction=0.0,
+    )
+
+
 def _unwrap(value: Any) -> Any:
     """Returns the array inside framework wrappers such as ``flax.nnx`` variables."""
     for _ in range(4):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -14,7 +13,7 @@ from optaxclip._engine.nonfinite import NonfinitePolicy
 from optaxclip._numerics.arithmetic import combine_norms, shrink_factors
 from optaxclip._numerics.reductions import norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.validation import (
     check_count,
     check_name,
@@ -161,14 +160,7 @@ def adagc(
             )
         count = state.stats.count + 1
         if not leaves:
-            stats = make_stats(
-                label,
-                count=count,
-                pre_clip_norm=0.0,
-                post_clip_norm=0.0,
-                threshold=math.inf,
-                clipped_fraction=0.0,
-            )
+            stats = nothing_clipped(label, count)
             return updates, state._replace(stats=stats)
 
         f32 = jnp.float32

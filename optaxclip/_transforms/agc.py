@@ -30,7 +30,7 @@ from optaxclip._spec.layout import (
     leaf_reduction_axes,
     normalize_axis_names,
 )
-from optaxclip._spec.stats import ClipStats, initial_stats, make_stats
+from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
 from optaxclip._spec.units import (
     UnitAxes,
@@ -284,14 +284,7 @@ def adaptive_grad_clip(
         dim_axes = leaf_dim_axes(updates, axis_name, layout)
         active = [i for i, skip in enumerate(excluded) if not skip]
         if not active:
-            stats = make_stats(
-                label,
-                count=count + 1,
-                pre_clip_norm=0.0,
-                post_clip_norm=0.0,
-                threshold=jnp.inf,
-                clipped_fraction=0.0,
-            )
+            stats = nothing_clipped(label, count + 1)
             return updates, AGCState(stats=stats)
 
         # Per active leaf: unit norms, limits and scales, all with size-1 reduced dims.

@@ -19,7 +19,7 @@ from optaxclip._engine.nonfinite import NonfinitePolicy
 from optaxclip._numerics.arithmetic import combine_norms, shrink_factors
 from optaxclip._numerics.reductions import group_by_axes, norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._spec.stats import ClipState, initial_stats, make_stats
+from optaxclip._spec.stats import ClipState, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
 from optaxclip._spec.validation import check_name, normalize_ord
 
@@ -49,16 +49,7 @@ def _per_leaf_norm_clipper(
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
         norms = norms_per_leaf(leaves, p, leaf_axes)
         if not leaves:
-            return updates, ClipState(
-                stats=make_stats(
-                    label,
-                    count=count + 1,
-                    pre_clip_norm=0.0,
-                    post_clip_norm=0.0,
-                    threshold=jnp.inf,
-                    clipped_fraction=0.0,
-                )
-            )
+            return updates, ClipState(stats=nothing_clipped(label, count + 1))
         limit_vector = threshold.per_leaf_vector(updates, count).astype(norms.dtype)
         if rms:
             sizes = jnp.asarray(np.array([max(x.size, 1) for x in leaves], np.float64), norms.dtype)
