@@ -233,7 +233,7 @@ def test_flax_nnx_optimizer_step_reports_clip_stats():
     stats = optaxclip.clip_stats(optimizer)
     norm = math.sqrt(sum(float(np.sum(np.float64(g) ** 2)) for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(stats["adagc/pre_clip_norm"], norm, rtol=1e-5)
-    assert int(stats["adagc/count"]) == 2
+    assert int(stats["adagc/steps"]) == 2
 
 
 def test_multisteps_clips_the_accumulated_gradient_once_per_real_step(recorded):
@@ -246,7 +246,7 @@ def test_multisteps_clips_the_accumulated_gradient_once_per_real_step(recorded):
             stats = optaxclip.clip_stats(state)
             norm = math.sqrt(sum(float(np.sum(m**2)) for m in mean))
             np.testing.assert_allclose(stats["adagc/pre_clip_norm"], norm, rtol=1e-5)
-            assert int(stats["adagc/count"]) == (t + 1) // 3
+            assert int(stats["adagc/steps"]) == (t + 1) // 3
 
 
 def test_gradient_with_other_leaves_than_init_raises():

@@ -117,7 +117,7 @@ def test_matches_float64_reference_step_by_step_through_spikes_and_nan():
     state = tx.init(recorded_run()[0][1])
     for t, (grads, params) in enumerate(recorded_run()):
         out, state = update(grads, state, params)
-        assert int(state.stats.count) == t + 1
+        assert int(state.stats.steps) == t + 1
         if not all(np.isfinite(g).all() for g in jax.tree.leaves(grads)):
             for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(grads), strict=True):
                 np.testing.assert_array_equal(a, b)  # propagate: untouched
@@ -342,7 +342,7 @@ def test_everything_excluded_is_the_identity():
     grads = {"w": jnp.full(3, 1e3)}
     out, state = clip_once(tx, grads, params)
     np.testing.assert_array_equal(out["w"], grads["w"])
-    assert int(state.stats.count) == 1
+    assert int(state.stats.steps) == 1
 
 
 def test_update_without_params_says_agc_needs_them():
@@ -545,7 +545,7 @@ def test_multisteps_clips_the_accumulated_gradient_and_counts_real_steps():
         mean = micro[step * k : (step + 1) * k].mean(axis=0)
         expected, _ = agc_reference({"p": mean}, {"p": params}, {"p": (0,)}, 0.05, 1e-3)
         np.testing.assert_allclose(emitted[(step + 1) * k - 1], -expected["['p']"], rtol=1e-5)
-    assert int(optaxclip.clip_stats(state)["adaptive_grad_clip/count"]) == 2
+    assert int(optaxclip.clip_stats(state)["adaptive_grad_clip/steps"]) == 2
 
 
 def test_nnx_optimizer_step_reports_stats():
@@ -562,7 +562,7 @@ def test_nnx_optimizer_step_reports_stats():
     after = {k: np.asarray(v) for k, v in nnx.as_pure(nnx.state(model, nnx.Param)).items()}
     for k in ("bias", "kernel"):
         np.testing.assert_allclose(after[k], before[k] - expected[f"['{k}']"], rtol=1e-5, atol=1e-7)
-    assert int(stats["adaptive_grad_clip/count"]) == 1
+    assert int(stats["adaptive_grad_clip/steps"]) == 1
     np.testing.assert_allclose(
         stats["adaptive_grad_clip/pre_clip_norm"], ref_stats["pre"], rtol=1e-5
     )
@@ -585,7 +585,7 @@ def test_orbax_restore_midway_continues_bit_identically(tmp_path):
     [
         ({"clipping": -0.1}, ValueError, "clipping"),
         ({"clipping": math.nan}, ValueError, "clipping"),
-        ({"clipping": {"w": -1.0}}, ValueError, r"clipping at leaf \['w'\]"),
+        ({"clipping": {"w": -1.0}}, ValueError, r"clipping=\.\.\.\) at leaf \['w'\]"),
         ({"eps": -1e-3}, ValueError, "eps"),
         ({"unit_axes": "pytorch"}, ValueError, "unit_axes.*pytorch"),
         ({"unit_axes": {"w": "rows"}}, ValueError, "unit_axes.*rows"),
@@ -628,3 +628,155 @@ def test_unit_reduction_axes_presets_by_rank():
     assert optaxclip.unit_reduction_axes("flax", 5) == (0, 1, 2, 3)
     assert optaxclip.unit_reduction_axes("equinox", 4) == (1, 2, 3)
     assert optaxclip.unit_reduction_axes("whole", 3) == (0, 1, 2)
+
+
+# --- Optax's ``axis`` ---------------------------------------------------------------------
+
+
+def _ones(shape, value=1.0):
+    return np.full(shape, value, np.float32)
+
+
+def _arange(shape):
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+
+
+def _normal(shape, seed, scale=1.0):
+    return (scale * np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
+
+
+# The adaptive_grad_clip cases of Optax's own tests (optax/transforms/_clipping_test.py), as
+# (grads, params, clipping values applied in turn, axis, the axes reduced, written by hand).
+# A case with several clipping values feeds each output back in, as Optax's test does to
+# show that clipping again does not drift. Two cases where our "flax" preset differs from
+# Optax's rule by shape (rank 3, a (1, n) kernel) are added with random values.
+OPTAX_AXIS_CASES = {
+    "conv3d-spatial-axes": (
+        {"w": _ones((2, 2, 2, 3, 4), 2.0)}, {"w": _ones((2, 2, 2, 3, 4))}, [0.5], (0, 1, 2),
+        {"w": (0, 1, 2)},
+    ),
+    "conv3d-spatial-axes-under-the-limit": (
+        {"w": _ones((2, 2, 2, 3, 4), 0.1)}, {"w": _ones((2, 2, 2, 3, 4))}, [2.0], (0, 1, 2),
+        {"w": (0, 1, 2)},
+    ),
+    "conv3d-by-shape": (
+        {"w": _ones((2, 2, 2, 3, 4), 2.0)}, {"w": _ones((2, 2, 2, 3, 4))}, [0.5], None,
+        {"w": (0, 1, 2, 3)},
+    ),
+    "linear-by-shape": (
+        {"w": _ones((5, 6), 3.0)}, {"w": _ones((5, 6))}, [0.5], None, {"w": (0,)},
+    ),
+    "square-by-shape": (
+        {"w": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}, {"w": _ones((2, 2))}, [1.0],
+        None, {"w": (0,)},
+    ),
+    "rank5-channel-axes": (
+        {"w": _arange((2, 2, 2, 3, 4))}, {"w": _ones((2, 2, 2, 3, 4))}, [0.5], (3, 4),
+        {"w": (3, 4)},
+    ),
+    "rank5-last-axis": (
+        {"w": _arange((2, 2, 2, 3, 4))}, {"w": _ones((2, 2, 2, 3, 4))}, [0.5], -1,
+        {"w": (4,)},
+    ),
+    "rank6-leading-axes": (
+        {"w": _ones((2,) * 6, 2.0)}, {"w": _ones((2,) * 6)}, [0.5], (0, 1, 2),
+        {"w": (0, 1, 2)},
+    ),
+    "vectors-clipped-again-and-again": (
+        {"a": np.array([500.0, 5.0], np.float32), "b": np.array([300.0, 3.0], np.float32)},
+        {"a": np.array([1.0, 2.0], np.float32), "b": np.array([3.0, 4.0], np.float32)},
+        [1.0, 1 / 2, 1 / 3, 1 / 10, 1 / 50], None, {"a": (0,), "b": (0,)},
+    ),
+    "rank3-by-shape": (
+        {"w": _normal((3, 4, 5), 21, 3.0)}, {"w": _normal((3, 4, 5), 22)}, [0.2], None,
+        {"w": (0,)},
+    ),
+    "row-kernel-by-shape": (
+        {"w": _normal((1, 6), 23, 3.0)}, {"w": _normal((1, 6), 24)}, [0.2], None,
+        {"w": (0, 1)},
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(OPTAX_AXIS_CASES))
+def test_axis_cases_from_optax_tests_match_optax_adaptive_grad_clip(case):
+    grads, params, clippings, axis, reduced = OPTAX_AXIS_CASES[case]
+    theirs = ours_keyword = ours_positional = grads
+    for clipping in clippings:
+        expected, _ = optax.adaptive_grad_clip(clipping, 1e-3, axis).update(theirs, None, params)
+        # Optax's value is the reference where it agrees with the NFNets equations in float64.
+        reference, _ = agc_reference(theirs, params, reduced, clipping, 1e-3)
+        for key, value in by_path(expected).items():
+            np.testing.assert_allclose(value, reference[key], rtol=1e-6, err_msg=key)
+        (ours_keyword, _), (ours_positional, _) = clip_cases(
+            [
+                (optaxclip.adaptive_grad_clip(clipping, 1e-3, axis=axis), ours_keyword, params),
+                (optaxclip.adaptive_grad_clip(clipping, 1e-3, axis), ours_positional, params),
+            ]
+        )
+        for ours in (ours_keyword, ours_positional):
+            for key in grads:
+                np.testing.assert_allclose(ours[key], expected[key], rtol=1e-6, err_msg=key)
+        theirs = expected
+    if case.endswith("under-the-limit"):
+        np.testing.assert_array_equal(ours_keyword["w"], grads["w"])
+
+
+def test_axis_none_refuses_a_rank_6_leaf_as_optax_does_naming_the_leaf():
+    params = {"deep": jnp.ones((2, 1, 2, 3, 2, 2))}
+    with pytest.raises(ValueError):
+        optax.adaptive_grad_clip(0.3, axis=None).update(params, None, params)
+    tx = optaxclip.adaptive_grad_clip(0.3, axis=None)
+    with pytest.raises(ValueError, match=r"^adaptive_grad_clip\(axis=\.\.\.\).*\['deep'\].*rank"):
+        tx.init(params)
+
+
+def test_axis_positional_and_keyword_equal_unit_axes_naming_the_same_axes():
+    params = {"qkv": _normal((4, 3, 5), 31)}
+    # Units are indexed by axis 1; the first is quiet, the others are clipped.
+    grads = {"qkv": _normal((4, 3, 5), 33) * np.float32([0.01, 1.0, 10.0])[:, None]}
+    spellings = [
+        optaxclip.adaptive_grad_clip(0.2, 1e-4, (2, 0)),
+        optaxclip.adaptive_grad_clip(0.2, 1e-4, axis=(0, -1)),
+        optaxclip.adaptive_grad_clip(0.2, 1e-4, unit_axes=(0, 2)),
+        optaxclip.adaptive_grad_clip(0.2, 1e-4, (0, 2), unit_axes=(2, 0)),
+    ]
+    expected, stats = agc_reference(grads, params, {"qkv": (0, 2)}, 0.2, 1e-4)
+    assert 0 < stats["fraction"] < 1
+    for out, state in clip_with_each(spellings, grads, params):
+        assert_matches_reference(out, state, expected, stats, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"axis": (1,), "unit_axes": "equinox"}, ValueError, "differ"),
+        ({"axis": None, "unit_axes": "flax"}, ValueError, "differ"),
+        ({"axis": 0, "unit_axes": "flax"}, ValueError, "differ"),
+        ({"axis": (0, 1), "unit_axes": (1,)}, ValueError, "differ"),
+        ({"axis": 2.0}, TypeError, "float"),
+        ({"axis": [0, 1]}, TypeError, "list"),
+        ({"axis": True}, TypeError, "bool"),
+        ({"axis": jnp.asarray(1)}, TypeError, "static_args=\\('axis',\\)"),
+    ],
+)
+def test_conflicting_or_malformed_axis_is_refused_naming_the_call(kwargs, error, match):
+    with pytest.raises(error, match=r"^adaptive_grad_clip\(axis=\.\.\..*" + match):
+        optaxclip.adaptive_grad_clip(0.05, **kwargs)
+
+
+def test_axis_out_of_range_for_a_leaf_is_named_at_init_as_axis():
+    tx = optaxclip.adaptive_grad_clip(0.05, axis=(0, 3))
+    with pytest.raises(ValueError, match=r"^adaptive_grad_clip\(axis=\.\.\.\) at leaf \['k'\]"):
+        tx.init({"k": jnp.ones((2, 3))})
+
+
+def test_axis_through_inject_hyperparams_as_a_static_argument():
+    params = {"k": _normal((4, 3), 41)}
+    grads = {"k": _normal((4, 3), 42, 5.0)}
+    tx = optax.inject_hyperparams(optaxclip.adaptive_grad_clip, static_args=("axis",))(
+        clipping=0.15, axis=1
+    )
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    expected, _ = agc_reference(grads, params, {"k": (1,)}, 0.15, 1e-3)
+    np.testing.assert_allclose(out["k"], expected["['k']"], rtol=1e-6)

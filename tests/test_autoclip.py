@@ -67,7 +67,7 @@ def test_matches_float64_reference_step_by_step_through_spikes_nan_and_wraparoun
         np.testing.assert_allclose(state.stats.threshold, thresholds[t], rtol=2e-6)
         finite_seen += all(np.all(np.isfinite(g)) for g in grads.values())
         assert int(state.filled) == min(finite_seen, size)
-        assert int(state.stats.count) == t + 1
+        assert int(state.stats.steps) == t + 1
         assert np.all(np.isfinite(state.history))
     assert finite_seen > 2 * size  # the buffer wrapped
 
@@ -92,7 +92,7 @@ def test_nonfinite_step_leaves_history_unchanged_and_moves_only_counters():
     np.testing.assert_array_equal(after.history, state.history)
     assert int(after.filled) == int(state.filled) == 1
     assert int(after.next_slot) == int(state.next_slot)
-    assert int(after.stats.count) == 2
+    assert int(after.stats.steps) == 2
     np.testing.assert_array_equal(out["w"], bad["w"])  # propagate: passed through unscaled
     assert float(after.stats.threshold) == 5.0
 
@@ -204,7 +204,7 @@ def test_multisteps_clips_the_accumulated_gradient_and_counts_real_steps():
         expected, alone_state = jax.jit(inner.update)(mean, alone_state)
         np.testing.assert_allclose(emitted[(step + 1) * k - 1], -expected, rtol=1e-5)
     stats = optaxclip.clip_stats(state)
-    assert int(stats["autoclip/count"]) == 2
+    assert int(stats["autoclip/steps"]) == 2
     assert int(state.inner_opt_state[0].filled) == 2
 
 
@@ -215,7 +215,7 @@ def test_nnx_optimizer_step_reports_stats():
     x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
     grads = nnx_train_step(lambda m: jnp.mean((m(x) - y) ** 2))(model, optimizer)
     norm, stats = optaxclip.global_norm(grads), optaxclip.clip_stats(optimizer)
-    assert int(stats["autoclip/count"]) == 1
+    assert int(stats["autoclip/steps"]) == 1
     np.testing.assert_allclose(stats["autoclip/pre_clip_norm"], norm, rtol=1e-6)
     np.testing.assert_allclose(stats["autoclip/threshold"], norm, rtol=1e-6)
     np.testing.assert_allclose(optimizer.opt_state[0].history[0], norm, rtol=1e-6)

@@ -173,7 +173,7 @@ def test_empty_trees_zero_size_and_none_leaves_pass_through_every_clipper():
         ]:
             out, state = apply_once(tx, tree)
             assert jax.tree.structure(out) == jax.tree.structure(tree)
-            assert int(state.stats.count) == 1
+            assert int(state.stats.steps) == 1
             assert all(math.isfinite(float(v)) for v in state.stats[:2])
             if "c" in tree:
                 assert out["a"].shape == (0,)
@@ -351,3 +351,58 @@ def test_vmap_over_batch_of_gradients_equals_loop_and_jit_equals_eager():
             assert float(b_state.stats.pre_clip_norm[i]) == pytest.approx(
                 float(l_state.stats.pre_clip_norm), rel=1e-6
             )
+
+
+# --- donation ----------------------------------------------------------------------------
+
+# Every public transform, built with small windows so that the buffers stay small.
+_PUBLIC_TRANSFORMS = {
+    "clip_by_global_norm": lambda: optaxclip.clip_by_global_norm(0.7),
+    "clip_by_leaf_norm": lambda: optaxclip.clip_by_leaf_norm(0.7),
+    "clip_by_block_rms": lambda: optaxclip.clip_by_block_rms(0.7),
+    "clip_by_value": lambda: optaxclip.clip_by_value(0.7),
+    "adaptive_grad_clip": lambda: optaxclip.adaptive_grad_clip(0.05),
+    "autoclip": lambda: optaxclip.autoclip(25.0, history_size=4),
+    "quantile_clip": lambda: optaxclip.quantile_clip(0.75),
+    "zclip": lambda: optaxclip.zclip(warmup_steps=3),
+    "adagc": lambda: optaxclip.adagc(warmup_steps=1),
+    "skip_nonfinite": lambda: optaxclip.skip_nonfinite(optax.sgd(0.05)),
+    "skip_spikes": lambda: optaxclip.skip_spikes(optax.sgd(0.05), window=4, min_history=2),
+}
+# Public names that are not gradient transformations.
+_NOT_TRANSFORMS = {
+    "ClipStats",
+    "clip_stats",
+    "global_norm",
+    "layout_from_shardings",
+    "leaf_norms",
+    "unit_reduction_axes",
+}
+
+
+def test_the_donation_cases_cover_every_public_transform():
+    public = {n for n in optaxclip.__all__ if not n.endswith("State")} - _NOT_TRANSFORMS
+    assert public == set(_PUBLIC_TRANSFORMS)
+
+
+def _assert_distinct_buffers(state):
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)]
+    assert len(pointers) == len(set(pointers)), "two state leaves share one buffer"
+
+
+@pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained_with_adam"])
+@pytest.mark.parametrize("name", sorted(_PUBLIC_TRANSFORMS))
+def test_state_from_init_can_be_donated_to_a_jitted_update(name, chained):
+    tx = _PUBLIC_TRANSFORMS[name]()
+    if chained:
+        tx = optax.chain(tx, optax.adam(3e-3))
+    params = {"kernel": jnp.full((3, 2), 0.4), "bias": jnp.full((2,), -1.5)}
+    grads = {"kernel": jnp.full((3, 2), 1.25), "bias": jnp.full((2,), -0.3)}
+    with jax.disable_jit(False):
+        state = tx.init(params)
+        _assert_distinct_buffers(state)
+        update = jax.jit(tx.update, donate_argnums=(1,))
+        for _ in range(2):
+            updates, state = update(grads, state, params)
+            _assert_distinct_buffers(state)
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))

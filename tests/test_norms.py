@@ -189,14 +189,14 @@ def test_tiny_float32_values_give_exact_leaf_norms_for_non_euclidean_orders(p):
     assert _rel_err(norm, ref_leaf_norm(tree["a"], p)) <= NORM_RTOL
 
 
-def test_tiny_leaf_l2_norm_reads_zero_as_documented_trade_off():
-    # ``optaxclip._numerics.arithmetic.needs_rescue``: a per-leaf L2 norm whose squares all
-    # flush to zero (entries below ~1e-19) reads 0, so that all-zero (frozen) leaves never
-    # force the rescue pass. This pins the documented behaviour; global_norm of the same leaf
-    # is exact.
-    tree = {"a": jnp.full((4,), 1e-20, jnp.float32)}
-    assert float(optaxclip.leaf_norms(tree)["a"]) == 0.0
-    assert _rel_err(float(optaxclip.global_norm(tree)), 2e-20) <= NORM_RTOL
+def test_tiny_leaf_l2_norm_is_as_exact_per_leaf_as_globally():
+    # Entries whose squares flush to zero in float32: the per-leaf norm takes the rescaled
+    # pass, like the global one, rather than reading 0.
+    tree = {"a": jnp.full((5,), 3e-21, jnp.float32), "zero": jnp.zeros((2,), jnp.float32)}
+    expected = 3e-21 * math.sqrt(5)
+    assert _rel_err(float(optaxclip.leaf_norms(tree)["a"]), expected) <= NORM_RTOL
+    assert float(optaxclip.leaf_norms(tree)["zero"]) == 0.0
+    assert _rel_err(float(optaxclip.global_norm(tree)), expected) <= NORM_RTOL
 
 
 def test_tiny_leaf_beside_normal_leaf_does_not_disturb_per_leaf_l2_norms():
@@ -240,6 +240,18 @@ def test_nan_anywhere_gives_nan_norm_and_inf_gives_inf(p):
     )
     assert float(optaxclip.global_norm(inf_tree, ord=p)) == math.inf
     assert float(optaxclip.leaf_norms(inf_tree, ord=p)["a"]) == math.inf
+
+
+def test_global_norm_takes_optax_updates_keyword_and_agrees_with_optax():
+    updates = {"w": jnp.array([[1.5, -2.0], [0.5, 6.0]]), "b": [jnp.array([-0.75, 3.0])]}
+    expected = float(optax.global_norm(updates=updates))
+    assert float(optaxclip.global_norm(updates=updates)) == pytest.approx(expected, rel=1e-6)
+    assert float(optaxclip.global_norm(updates)) == pytest.approx(expected, rel=1e-6)
+    assert float(optaxclip.global_norm(tree=updates)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(TypeError, match=r"^global_norm\(tree=\.\.\., updates=\.\.\.\): .*not both"):
+        optaxclip.global_norm(updates, updates=updates)
+    with pytest.raises(TypeError, match=r"^global_norm\(\): missing the pytree"):
+        optaxclip.global_norm()
 
 
 def test_string_inf_and_none_orders_are_accepted():

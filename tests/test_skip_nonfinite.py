@@ -80,6 +80,26 @@ def test_gives_up_after_n_consecutive_errors_and_resets_the_counter():
     np.testing.assert_array_equal(optax_applied, [1, 0, 0, 1, 1, 1, 1, 1, 0])
 
 
+def test_max_consecutive_errors_by_position_as_optax_apply_if_finite_takes_it():
+    # Two skips, the give-up step, then finite steps: where both guards agree.
+    grads = {"w": np.array([[0.5, -1.0], [np.inf, 1.0], [np.nan, 0.0], [1.0, np.nan],
+                            [3.0, 0.25], [-0.5, 4.0]], np.float32)}  # fmt: skip
+    ours, our_states = run_scan(optaxclip.skip_nonfinite(optax.sgd(0.3), 2), grads)
+    theirs, their_states = run_scan(optax.apply_if_finite(optax.sgd(0.3), 2), grads)
+    np.testing.assert_array_equal(ours["w"], theirs["w"])
+    np.testing.assert_array_equal(our_states.total_errors, their_states.total_notfinite)
+    applied = ~np.all(ours["w"] == 0, axis=1)
+    np.testing.assert_array_equal(applied, [1, 0, 0, 1, 1, 1])
+
+
+def test_guard_count_message_does_not_mention_inject_hyperparams():
+    with pytest.raises(TypeError) as error:
+        optaxclip.skip_nonfinite(optax.sgd(1.0), max_consecutive_errors="4")
+    message = str(error.value)
+    assert message.startswith("skip_nonfinite(max_consecutive_errors=...): must be a Python")
+    assert "inject_hyperparams" not in message and "static_args" not in message
+
+
 def loss_recorder():
     """An ExtraArgs inner transformation whose state is the last loss it was given."""
 
@@ -227,7 +247,7 @@ def test_flax_nnx_optimizer_with_guard_passes_loss_and_reports_clip_stats():
     for scale in (1.0, 1.0, jnp.nan, 1.0):
         grads = train_step(model, optimizer, scale)
     stats = optaxclip.clip_stats(optimizer)
-    assert int(stats["zclip/count"]) == 3  # the NaN-loss step never reached the clipper
+    assert int(stats["zclip/steps"]) == 3  # the NaN-loss step never reached the clipper
     norm = math.sqrt(sum(float(np.sum(np.float64(g) ** 2)) for g in jax.tree.leaves(grads)))
     np.testing.assert_allclose(stats["zclip/pre_clip_norm"], norm, rtol=1e-5)
     assert int(optimizer.opt_state.total_errors[...]) == 1

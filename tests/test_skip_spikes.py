@@ -13,6 +13,8 @@ import pytest
 from helpers.guards import SHAPES, STEPS, inner_state_unchanged, recorded_gradients
 from helpers.references import Adam64
 from helpers.runs import run_scan, run_updates, step_slices
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 import optaxclip
@@ -23,7 +25,10 @@ def global_norm64(grads, t):
 
 
 class SkipSpikes64:
-    """The rule of skip_spikes in float64: windows of accepted values, mean + k * std."""
+    """The rule of skip_spikes in float64: windows of accepted values, mean + k * std.
+
+    The std is Bessel-corrected and floored at 1e-6 |mean| and at 1e-30.
+    """
 
     def __init__(self, window, k, min_history):
         self.k, self.min_history = k, min_history
@@ -34,7 +39,7 @@ class SkipSpikes64:
         if len(values) < self.min_history:
             return math.inf
         mean, std = float(np.mean(values)), float(np.std(values, ddof=1))
-        return mean + self.k * max(std, 1e-6 * abs(mean))
+        return mean + self.k * max(std, 1e-6 * abs(mean), 1e-30)
 
     def step(self, norm, loss=None):
         norm_threshold = self.threshold(self.norms)
@@ -78,6 +83,59 @@ def test_spike_skips_match_float64_rolling_window_step_by_step(config, use_loss)
     assert states.skipped[100] and states.skipped[120]
     assert bool(states.skipped[140]) == use_loss
     assert int(states.total_skipped[-1]) == int(np.sum(states.skipped))
+
+
+# Norms and losses drift geometrically, at most 8 decades over the run (slow against the
+# window, so no drifting step is a spike), then the loss spikes on one step and the norm on
+# the last.
+DRIFT_STEPS = 300
+DRIFT_SPIKE = 1e3  # a spike over the drift's final level
+DRIFT_GUARD = optaxclip.skip_spikes(optax.sgd(1.0), window=32, k=6.0, min_history=16)
+
+
+def drifting_levels(start, end, rng):
+    """10**start -> 10**end geometrically over the run, with 5% noise."""
+    return np.logspace(start, end, DRIFT_STEPS) * np.exp(0.05 * rng.normal(size=DRIFT_STEPS))
+
+
+@given(
+    start=st.integers(-30, 35),
+    change=st.integers(-8, 8),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_thresholds_stay_finite_and_spikes_are_skipped_while_values_drift_over_float32_range(
+    start, change, seed
+):
+    end = min(max(start + change, -30), 35)
+    rng = np.random.default_rng(seed)
+    norms, loss = drifting_levels(start, end, rng), drifting_levels(start, end, rng)
+    loss[-2] = 10.0**end * DRIFT_SPIKE
+    norms[-1] = 10.0**end * DRIFT_SPIKE
+    grads = {"w": np.asarray(np.outer(norms, [0.6, 0.8]), np.float32)}
+    loss = loss.astype(np.float32)
+    # mean + k * std of each window in float64, where no square of these values overflows.
+    ref = SkipSpikes64(32, 6.0, 16)
+    skips, norm_thresholds, loss_thresholds, margins = [], [], [], []
+    for t in range(DRIFT_STEPS):
+        norm = global_norm64(grads, t)
+        skip, norm_threshold, loss_threshold = ref.step(norm, float(loss[t]))
+        skips.append(skip)
+        norm_thresholds.append(norm_threshold)
+        loss_thresholds.append(loss_threshold)
+        if math.isfinite(norm_threshold):
+            margins += [abs(norm / norm_threshold - 1), abs(loss[t] / loss_threshold - 1)]
+    # float32 rounding may flip a decision on a value within rounding of its threshold.
+    assume(min(margins) > 1e-3)
+    assert skips[-2:] == [True, True]
+
+    outs, states = run_scan(DRIFT_GUARD, grads, loss)
+    ready = slice(16, None)  # steps with min_history accepted values in the windows
+    assert np.all(np.isfinite(states.norm_threshold[ready]))
+    assert np.all(np.isfinite(states.loss_threshold[ready]))
+    np.testing.assert_allclose(states.norm_threshold[ready], norm_thresholds[ready], rtol=1e-5)
+    np.testing.assert_allclose(states.loss_threshold[ready], loss_thresholds[ready], rtol=1e-5)
+    np.testing.assert_array_equal(states.skipped, skips)
+    assert np.all(outs["w"][-2:] == 0)
 
 
 def test_spike_is_skipped_only_once_min_history_steps_are_in_the_window():

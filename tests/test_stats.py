@@ -41,7 +41,7 @@ def _check_common(stats, out, p, name):
     assert stats.name == name
     for field in ClipStats._fields[:5]:
         assert getattr(stats, field).dtype == jnp.float32 and getattr(stats, field).shape == ()
-    assert stats.count.dtype == jnp.int32
+    assert stats.steps.dtype == jnp.int32
     # The reported post-clip norm is honest: it is the norm of what was returned.
     assert float(stats.post_clip_norm) == _approx(ref_global_norm(out, p))
     pre = float(stats.pre_clip_norm)
@@ -62,9 +62,9 @@ def test_global_clip_stats_match_reference(tree, p, ratio):
     assert float(stats.threshold) == _approx(limit)
     assert float(stats.clipped_fraction) == (1.0 if norm > limit else 0.0)
     assert float(stats.scale) == _approx(limit / norm if norm > limit else 1.0)
-    assert int(stats.count) == 1
+    assert int(stats.steps) == 1
     _, state = tx.update(tree, state)
-    assert int(state.stats.count) == 2
+    assert int(state.stats.steps) == 2
 
 
 @given(tree=HIGH_PRECISION_TREES, p=st.sampled_from(ORDS), ratio=RATIOS)
@@ -93,9 +93,21 @@ def test_block_rms_stats_match_reference(tree, ratio):
     stats = state.stats
     _check_common(stats, out, 2.0, "clip_by_block_rms")
     assert float(stats.pre_clip_norm) == _approx(ref_global_norm(tree, 2.0))
-    assert float(stats.threshold) == _approx(limit)
+    # In the units of the two norms: the L2 bound of the smallest leaf.
+    smallest = min(max(x.size, 1) for x in leaves)
+    assert float(stats.threshold) == _approx(limit * math.sqrt(smallest))
     n_over = sum(ref_rms(x) > limit for x in leaves)
     assert float(stats.clipped_fraction) == pytest.approx(n_over / len(leaves))
+
+
+def test_block_rms_threshold_reads_as_the_l2_bound_of_the_smallest_leaf():
+    grads = {"small": jnp.full((9,), 0.5), "large": jnp.full((4, 25), 3.0)}
+    tx = optaxclip.clip_by_block_rms({"small": 2.0, "large": 0.5})
+    _, state = tx.update(grads, tx.init(grads))
+    # L2 bounds: 2 * sqrt(9) = 6 and 0.5 * sqrt(100) = 5; pre and post are L2 norms too.
+    assert float(state.stats.threshold) == pytest.approx(5.0, rel=1e-6)
+    assert float(state.stats.pre_clip_norm) == pytest.approx(math.sqrt(9 * 0.25 + 900), rel=1e-6)
+    assert float(state.stats.post_clip_norm) == pytest.approx(math.sqrt(9 * 0.25 + 25), rel=1e-6)
 
 
 @given(tree=gradient_trees(dtypes=(jnp.float32,), exponents=(-3, 3)), high=st.floats(0.0, 2.0))
@@ -251,23 +263,32 @@ def test_initial_stats_are_zero_with_unit_scale_and_typed():
     stats = initial_stats("x")
     assert stats.name == "x"
     assert [float(v) for v in stats[:5]] == [0.0, 0.0, 0.0, 1.0, 0.0]
-    assert int(stats.count) == 0 and stats.count.dtype == jnp.int32
+    assert int(stats.steps) == 0 and stats.steps.dtype == jnp.int32
+
+
+def test_initial_stats_fields_are_distinct_buffers():
+    # A state whose leaves share a buffer cannot be donated to a jitted update.
+    pointers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(initial_stats("y"))]
+    assert len(pointers) == len(set(pointers)) == len(ClipStats._fields) - 1
 
 
 def test_make_stats_derives_scale_and_guards_zero_and_nonfinite_norms():
-    kwargs = {"count": 3, "threshold": 1.0, "clipped_fraction": 1.0}
+    kwargs = {"steps": 3, "threshold": 1.0, "clipped_fraction": 1.0}
     assert float(make_stats("a", pre_clip_norm=4.0, post_clip_norm=1.0, **kwargs).scale) == 0.25
     assert float(make_stats("a", pre_clip_norm=0.0, post_clip_norm=0.0, **kwargs).scale) == 1.0
     nan = make_stats("a", pre_clip_norm=math.nan, post_clip_norm=math.nan, **kwargs)
     assert float(nan.scale) == 1.0
     inf = make_stats("a", pre_clip_norm=math.inf, post_clip_norm=1.0, **kwargs)
     assert float(inf.scale) == 1.0
-    assert int(inf.count) == 3 and inf.count.dtype == jnp.int32
+    # A non-finite norm brought to 0 is the update nonfinite="zero" zeroed.
+    for pre in (math.nan, -math.inf):
+        assert float(make_stats("a", pre_clip_norm=pre, post_clip_norm=0.0, **kwargs).scale) == 0
+    assert int(inf.steps) == 3 and inf.steps.dtype == jnp.int32
 
 
 def test_clip_stats_name_is_static_pytree_metadata():
     stats = make_stats(
-        "mine", count=1, pre_clip_norm=2.0, post_clip_norm=1.0, threshold=1.0, clipped_fraction=1
+        "mine", steps=1, pre_clip_norm=2.0, post_clip_norm=1.0, threshold=1.0, clipped_fraction=1
     )
     leaves, treedef = jax.tree.flatten(stats)
     assert len(leaves) == 6 and not any(isinstance(x, str) for x in leaves)
@@ -313,3 +334,75 @@ def test_clip_stats_suffixes_duplicates_and_never_overwrites_a_user_name():
     assert float(stats["clip_1_1/threshold"]) == pytest.approx(0.1)  # the user's "clip_1"
     # The chain feeds each clipper the previous output: [0.1, 0.1] after the value clip.
     assert float(stats["clip_by_leaf_norm/pre_clip_norm"]) == pytest.approx(0.1 * math.sqrt(2))
+
+
+# --- one meaning per field across clippers ------------------------------------------------
+
+# Every clipper, by name, as a function of its nonfinite= policy.
+_EVERY_CLIPPER = {
+    "clip_by_global_norm": lambda nf: optaxclip.clip_by_global_norm(1.5, nonfinite=nf),
+    "clip_by_leaf_norm": lambda nf: optaxclip.clip_by_leaf_norm(1.5, nonfinite=nf),
+    "clip_by_block_rms": lambda nf: optaxclip.clip_by_block_rms(0.6, nonfinite=nf),
+    "clip_by_value": lambda nf: optaxclip.clip_by_value(0.9, nonfinite=nf),
+    "adaptive_grad_clip": lambda nf: optaxclip.adaptive_grad_clip(0.2, nonfinite=nf),
+    "autoclip": lambda nf: optaxclip.autoclip(30.0, history_size=3, nonfinite=nf),
+    "quantile_clip": lambda nf: optaxclip.quantile_clip(0.4, initial_threshold=2.0, nonfinite=nf),
+    "zclip": lambda nf: optaxclip.zclip(warmup_steps=2, max_grad_norm=3.0, nonfinite=nf),
+    "adagc": lambda nf: optaxclip.adagc(warmup_steps=1, warmup_max_norm=2.0, nonfinite=nf),
+}
+_PARAMS = {"kernel": jnp.full((2, 3), 0.8), "bias": jnp.full((3,), 0.25)}
+# Two finite steps, the second larger so that every clipper clips it, then a NaN step.
+_FINITE_STEPS = [
+    {"kernel": jnp.full((2, 3), 0.3), "bias": jnp.array([0.5, -0.25, 0.125])},
+    {"kernel": jnp.full((2, 3), -4.0), "bias": jnp.array([7.0, 0.5, -2.5])},
+]
+_NAN_STEP = {"kernel": jnp.full((2, 3), 0.75), "bias": jnp.array([0.5, jnp.nan, 1.0])}
+
+
+def test_the_stats_cases_cover_every_clipper():
+    not_clippers = {
+        "ClipStats",
+        "clip_stats",
+        "global_norm",
+        "layout_from_shardings",
+        "leaf_norms",
+        "skip_nonfinite",
+        "skip_spikes",
+        "unit_reduction_axes",
+    }
+    public = {n for n in optaxclip.__all__ if not n.endswith("State")} - not_clippers
+    assert public == set(_EVERY_CLIPPER)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "zero"])
+@pytest.mark.parametrize("name", sorted(_EVERY_CLIPPER))
+def test_every_clipper_reports_scale_as_post_over_pre_and_its_nonfinite_policy(name, policy):
+    tx = _EVERY_CLIPPER[name](policy)
+    state = tx.init(_PARAMS)
+    for grads in _FINITE_STEPS:
+        _, state = tx.update(grads, state, _PARAMS)
+        stats = state.stats
+        assert float(stats.pre_clip_norm) > 0
+        ratio = float(stats.post_clip_norm) / float(stats.pre_clip_norm)
+        assert float(stats.scale) == pytest.approx(ratio, rel=1e-6)
+    assert float(stats.clipped_fraction) > 0, "the second step must clip"
+    out, state = tx.update(_NAN_STEP, state, _PARAMS)
+    stats = state.stats
+    assert math.isnan(float(stats.pre_clip_norm))
+    if policy == "zero":
+        assert all(not bool(jnp.any(x)) for x in jax.tree.leaves(out))
+        assert float(stats.scale) == 0.0
+        assert float(stats.post_clip_norm) == 0.0
+        assert float(stats.clipped_fraction) == 1.0
+    else:
+        assert same_nan_positions(out, _NAN_STEP)
+        assert float(stats.scale) == 1.0
+        np.testing.assert_array_equal(stats.post_clip_norm, stats.pre_clip_norm)
+        assert float(stats.clipped_fraction) == 0.0
+
+
+def same_nan_positions(a, b):
+    return all(
+        np.array_equal(x, y, equal_nan=True)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )

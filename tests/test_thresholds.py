@@ -131,7 +131,7 @@ def test_global_clip_follows_schedule_by_step_count():
         out, state = tx.update(grads, state)
         assert float(state.stats.threshold) == schedule(step)
         np.testing.assert_allclose(out["w"], np.array([30.0, 40.0]) * schedule(step) / 50, 1e-6)
-    assert int(state.stats.count) == 4
+    assert int(state.stats.steps) == 4
 
 
 def test_per_leaf_clippers_follow_a_schedule():
@@ -142,16 +142,18 @@ def test_per_leaf_clippers_follow_a_schedule():
     def rms_clip(x, t):
         return to_f64(x) * min(1.0, t / ref_rms(x))
 
+    # The RMS clip reports its bound on the L2 norm: of the smallest leaf, "b" (2 entries).
     cases = [
-        (optaxclip.clip_by_leaf_norm(schedule), _ref_leaf_clip),
-        (optaxclip.clip_by_block_rms(schedule), rms_clip),
-        (optaxclip.clip_by_value(schedule), lambda x, t: np.clip(to_f64(x), -t, t)),
+        (optaxclip.clip_by_leaf_norm(schedule), _ref_leaf_clip, 1.0),
+        (optaxclip.clip_by_block_rms(schedule), rms_clip, np.sqrt(2)),
+        (optaxclip.clip_by_value(schedule), lambda x, t: np.clip(to_f64(x), -t, t), 1.0),
     ]
-    for tx, reference in cases:
+    for tx, reference, per_threshold in cases:
         state = tx.init(grads)
         for step in range(3):
             out, state = tx.update(grads, state)
-            assert float(state.stats.threshold) == pytest.approx(float(schedule(step)))
+            expected = float(schedule(step)) * per_threshold
+            assert float(state.stats.threshold) == pytest.approx(expected)
         for key in grads:
             np.testing.assert_allclose(to_f64(out[key]), reference(grads[key], final), 1e-6)
 
@@ -241,3 +243,63 @@ def test_none_in_a_per_leaf_spec_for_a_real_leaf_is_rejected_naming_the_leaf():
     clipper = optaxclip.clip_by_leaf_norm({"a": None, "b": 1.0})
     with pytest.raises(ValueError, match=r"max_norm.*\['a'\]"):
         clipper.init(grads)
+
+
+# --- per-leaf specs matched by key path -----------------------------------------------------
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class _Namespace:
+    """A mapping-like pytree node that is not a dict, flattened with dict keys (as nnx.State)."""
+
+    def __init__(self, entries):
+        self.entries = dict(entries)
+
+    def tree_flatten_with_keys(self):
+        keys = sorted(self.entries)
+        return [(jax.tree_util.DictKey(k), self.entries[k]) for k in keys], tuple(keys)
+
+    @classmethod
+    def tree_unflatten(cls, keys, children):
+        return cls(zip(keys, children, strict=True))
+
+
+def _as_namespaces(tree):
+    if isinstance(tree, dict):
+        return _Namespace({k: _as_namespaces(v) for k, v in tree.items()})
+    return tree
+
+
+@pytest.mark.parametrize("spec", _per_leaf_specs()[:2], ids=["full", "prefix"])
+def test_dict_spec_matches_another_mapping_node_by_key_path(spec):
+    grads = _model_grads()
+    tx = optaxclip.clip_by_leaf_norm(spec)
+    out, state = tx.update(_as_namespaces(grads), tx.init(_as_namespaces(grads)))
+    for part, limit in (("body", 1.0), ("head", 5.0)):
+        for key in ("w", "b"):
+            expected = _ref_leaf_clip(grads[part][key], limit)
+            np.testing.assert_allclose(to_f64(out.entries[part].entries[key]), expected, rtol=1e-5)
+    assert float(state.stats.threshold) == 1.0
+
+
+def test_dict_spec_with_a_wrong_key_on_another_mapping_node_names_both_paths():
+    grads = _as_namespaces(_model_grads())
+    tx = optaxclip.clip_by_leaf_norm({"body": 1.0, "haed": 5.0})
+    with pytest.raises(ValueError, match=r"max_norm.*\['haed'\].*\['head'\]\['b'\]"):
+        tx.init(grads)
+    too_deep = optaxclip.clip_by_leaf_norm({"body": {"w": {"x": 1.0}, "b": 1.0}, "head": 5.0})
+    with pytest.raises(ValueError, match=r"max_norm.*\['body'\]\['w'\]\['x'\]"):
+        too_deep.init(grads)
+
+
+def test_spec_entries_for_leaves_masked_out_are_accepted():
+    grads = _model_grads()
+    spec = {"body": {"w": 1.0, "b": 1.0}, "head": {"w": 5.0, "b": 5.0}}
+    mask = {"body": {"w": True, "b": False}, "head": False}
+    tx = optax.masked(optaxclip.clip_by_leaf_norm(spec), mask)
+    out, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_allclose(
+        to_f64(out["body"]["w"]), _ref_leaf_clip(grads["body"]["w"], 1.0), rtol=1e-5
+    )
+    for part, key in (("body", "b"), ("head", "w"), ("head", "b")):
+        np.testing.assert_array_equal(out[part][key], grads[part][key])

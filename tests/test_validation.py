@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -134,9 +135,9 @@ def test_per_leaf_spec_that_does_not_match_tree_raises_at_init_naming_path():
     ("factory", "arg"), [c for c in CLIPPERS if c[0] is not optaxclip.clip_by_global_norm]
 )
 def test_negative_value_inside_per_leaf_pytree_raises_naming_path(factory, arg):
-    with pytest.raises(ValueError, match=rf"{arg} at leaf \['dense'\]\['bias'\]"):
+    with pytest.raises(ValueError, match=rf"{arg}=\.\.\.\) at leaf \['dense'\]\['bias'\]"):
         factory({"dense": {"kernel": 1.0, "bias": -1.0}})
-    with pytest.raises(ValueError, match=rf"{arg} at leaf \['dense'\]\['bias'\].*NaN"):
+    with pytest.raises(ValueError, match=rf"{arg}=\.\.\.\) at leaf \['dense'\]\['bias'\].*NaN"):
         factory({"dense": {"kernel": 1.0, "bias": math.nan}})
 
 
@@ -210,3 +211,215 @@ def test_check_number_messages():
     with pytest.raises(ValueError, match="x must be finite"):
         check_number(math.inf, "x", allow_inf=False)
     check_number(-5.0, "x", minimum=-math.inf)
+
+
+# --- every stated bound is the bound enforced ----------------------------------------------
+
+# (public call, argument, a value it refuses, other keyword arguments). The guards wrap SGD.
+_BOUNDED = [
+    ("clip_by_global_norm", "max_norm", -0.25, {}),
+    ("clip_by_global_norm", "ord", 0.75, {"max_norm": 1.0}),
+    ("clip_by_leaf_norm", "max_norm", -0.25, {}),
+    ("clip_by_leaf_norm", "ord", 0.75, {"max_norm": 1.0}),
+    ("clip_by_block_rms", "threshold", -0.25, {}),
+    ("clip_by_value", "max_delta", -0.25, {}),
+    ("adaptive_grad_clip", "clipping", -0.25, {}),
+    ("adaptive_grad_clip", "eps", -0.25, {}),
+    ("autoclip", "percentile", 120.0, {}),
+    ("autoclip", "history_size", 0, {}),
+    ("autoclip", "ord", 0.75, {}),
+    ("quantile_clip", "target_quantile", 1.25, {}),
+    ("quantile_clip", "learning_rate", -0.25, {}),
+    ("quantile_clip", "initial_threshold", -0.25, {}),
+    ("quantile_clip", "ord", 0.75, {}),
+    ("zclip", "alpha", 1.25, {}),
+    ("zclip", "z_thresh", -0.25, {}),
+    ("zclip", "warmup_steps", 0, {}),
+    ("zclip", "clip_factor", -0.25, {}),
+    ("zclip", "max_grad_norm", -0.25, {}),
+    ("zclip", "eps", -0.25, {}),
+    ("adagc", "relative_factor", -0.25, {}),
+    ("adagc", "beta", 1.25, {}),
+    ("adagc", "warmup_steps", -2, {}),
+    ("adagc", "warmup_max_norm", -0.25, {}),
+    ("adagc", "eps", -0.25, {}),
+    ("skip_nonfinite", "max_consecutive_errors", 0, {}),
+    ("skip_spikes", "window", 1, {"min_history": 2}),
+    ("skip_spikes", "k", -0.25, {}),
+    ("skip_spikes", "min_history", 1, {"window": 6}),
+    ("skip_spikes", "min_history", 7, {"window": 6}),
+    ("skip_spikes", "ord", 0.75, {}),
+    ("skip_spikes", "max_consecutive_skips", 0, {}),
+]
+# Arguments that take a threshold spec (a number, a schedule, per-leaf values).
+_ONE_SIDED = re.compile(r"must be (>=|>|<=) (?:[a-z_]+ \()?(-?[0-9.]+)")
+_INTERVAL = re.compile(r"must be in ([\[(])(-?[0-9.]+), (-?[0-9.]+)([\])])")
+
+
+def _make(call, arg, value, kwargs):
+    inner = (optax.sgd(0.1),) if call.startswith("skip_") else ()
+    return getattr(optaxclip, call)(*inner, **kwargs, **{arg: value})
+
+
+def _probes(message, integer):
+    """(value, whether it should be accepted) on both sides of the bound the message states."""
+    step = 1 if integer else 1e-3
+    kind = int if integer else float
+    if (found := _ONE_SIDED.search(message)) is not None:
+        op, bound = found.group(1), kind(found.group(2))
+        return {
+            ">": [(bound, False), (bound + step, True)],
+            ">=": [(bound, True), (bound - step, False)],
+            "<=": [(bound, True), (bound + step, False)],
+        }[op]
+    found = _INTERVAL.search(message)
+    assert found is not None, f"no bound stated in: {message}"
+    low, high = kind(found.group(2)), kind(found.group(3))
+    return [
+        (low, found.group(1) == "["),
+        (high, found.group(4) == "]"),
+        ((low + high) / 2, True),
+        (low - step, False),
+        (high + step, False),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("call", "arg", "bad", "kwargs"),
+    _BOUNDED,
+    ids=[f"{c}-{a}-{b}" for c, a, b, _ in _BOUNDED],
+)
+def test_each_stated_bound_is_the_bound_enforced(call, arg, bad, kwargs):
+    with pytest.raises(ValueError) as error:
+        _make(call, arg, bad, kwargs)
+    message = str(error.value)
+    assert message.startswith(f"{call}({arg}=...): "), message
+    for value, accepted in _probes(message, isinstance(bad, int)):
+        if accepted:
+            _make(call, arg, value, kwargs)
+        else:
+            with pytest.raises(ValueError):
+                _make(call, arg, value, kwargs)
+
+
+def test_the_bound_cases_cover_every_public_transform():
+    covered = {call for call, _, _, _ in _BOUNDED}
+    not_transforms = {
+        "ClipStats",
+        "clip_stats",
+        "global_norm",
+        "layout_from_shardings",
+        "leaf_norms",
+        "unit_reduction_axes",
+    }
+    public = {n for n in optaxclip.__all__ if not n.endswith("State")} - not_transforms
+    assert covered == public
+
+
+# --- low-precision thresholds -----------------------------------------------------------------
+
+
+def _low_precision_case():
+    rng = np.random.default_rng(12)
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+        }
+    }
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * 2.0, jnp.float32), params)
+    return grads, params
+
+
+def _ref_global(grads, params, t):
+    g = {k: np.float64(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+    norm = math.sqrt(sum(np.sum(v**2) for v in g.values()))
+    return {k: v * min(1.0, t / norm) for k, v in g.items()}
+
+
+def _ref_leaf(grads, params, t):
+    g = {k: np.float64(v) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+    return {k: v * min(1.0, t / np.linalg.norm(v)) for k, v in g.items()}
+
+
+def _ref_value(grads, params, t):
+    return {k: np.clip(np.float64(v), -t, t) for k, v in jax.tree_util.tree_leaves_with_path(grads)}
+
+
+def _ref_agc(grads, params, t):
+    # The default units of a Flax (in, out) kernel are its columns; a bias is one unit.
+    out = {}
+    for (k, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(params), strict=True
+    ):
+        g, w = np.float64(g), np.float64(w)
+        g_norm = np.linalg.norm(g, axis=0, keepdims=True)
+        limit = t * np.maximum(np.linalg.norm(w, axis=0, keepdims=True), 1e-3)
+        out[k] = g * np.minimum(1.0, limit / g_norm)
+    return out
+
+
+LOW_PRECISION_CLIPPERS = [
+    (optaxclip.clip_by_global_norm, "max_norm", _ref_global),
+    (optaxclip.clip_by_leaf_norm, "max_norm", _ref_leaf),
+    (optaxclip.clip_by_value, "max_delta", _ref_value),
+    (optaxclip.adaptive_grad_clip, "clipping", _ref_agc),
+]
+LOW_PRECISION_SPELLINGS = {
+    "bf16-array": lambda x: jnp.asarray(x, jnp.bfloat16),
+    "bf16-numpy-scalar": lambda x: np.asarray(x, jnp.bfloat16)[()],
+    "f16-array": lambda x: jnp.asarray(x, jnp.float16),
+    "f16-numpy-scalar": np.float16,
+}
+
+
+@pytest.mark.parametrize(
+    ("factory", "arg", "reference"),
+    LOW_PRECISION_CLIPPERS,
+    ids=[f.__name__ for f, _, _ in LOW_PRECISION_CLIPPERS],
+)
+@pytest.mark.parametrize("spelling", list(LOW_PRECISION_SPELLINGS))
+def test_bfloat16_and_float16_thresholds_clip_at_their_rounded_value(
+    factory, arg, reference, spelling
+):
+    grads, params = _low_precision_case()
+    threshold = LOW_PRECISION_SPELLINGS[spelling](0.7)
+    assert is_concrete_number(threshold)
+    t = float(np.float32(threshold))  # 0.69921875 in bfloat16, 0.7001953125 in float16
+    tx = factory(**{arg: threshold})
+    out, _ = tx.update(grads, tx.init(params), params)
+    expected = reference(grads, params, t)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(out):
+        np.testing.assert_allclose(np.float64(leaf), expected[path], rtol=1e-6)
+    assert not all(
+        np.array_equal(np.float64(g), expected[p])
+        for p, g in jax.tree_util.tree_leaves_with_path(grads)
+    )
+
+
+@pytest.mark.parametrize(
+    ("factory", "arg", "reference"),
+    LOW_PRECISION_CLIPPERS,
+    ids=[f.__name__ for f, _, _ in LOW_PRECISION_CLIPPERS],
+)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_inject_hyperparams_in_bfloat16_and_float16_clips_at_the_rounded_value(
+    factory, arg, reference, dtype
+):
+    grads, params = _low_precision_case()
+    tx = optax.inject_hyperparams(factory, hyperparam_dtype=dtype)(**{arg: 0.7})
+    out, _ = tx.update(grads, tx.init(params), params)
+    expected = reference(grads, params, float(jnp.asarray(0.7, dtype)))
+    for path, leaf in jax.tree_util.tree_leaves_with_path(out):
+        np.testing.assert_allclose(np.float64(leaf), expected[path], rtol=1e-6)
+
+
+def test_check_number_accepts_low_precision_scalars_and_still_refuses_bool_and_complex():
+    for value in (jnp.asarray(2.5, jnp.bfloat16), np.asarray(2.5, jnp.bfloat16)[()]):
+        check_number(value, "x")
+        with pytest.raises(ValueError, match="x must be >= 3"):
+            check_number(value, "x", minimum=3.0)
+    with pytest.raises(TypeError, match="bool"):
+        check_number(np.asarray(True)[()], "x")
+    with pytest.raises(TypeError, match="complex64"):
+        check_number(jnp.asarray(1.0, jnp.complex64), "x")

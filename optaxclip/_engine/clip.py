@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from optaxclip import _lowering as lowering
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import shrink_factors
+from optaxclip._numerics.arithmetic import ScaledNorm, scaled_post_norm, shrink_factors
 from optaxclip._spec.stats import ClipStats, make_stats
 from optaxclip._spec.validation import check_float_leaves
 
@@ -36,13 +36,16 @@ def check_params(params: Any) -> None:
     check_float_leaves(jax.tree_util.tree_leaves_with_path(params), "params")
 
 
-def global_scale(norm: jax.Array, threshold: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def global_scale(
+    norm: jax.Array | ScaledNorm, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``min(1, threshold / norm)`` as factors ``(coarse, fine)``, and whether it clipped.
 
     The factors are those of ``shrink_factors``: their product is the scale, and kept apart a
     ratio below 2^-126 is not flushed to 0.
     """
-    over = norm > threshold.astype(norm.dtype)
+    value = norm.value if isinstance(norm, ScaledNorm) else norm
+    over = value > threshold.astype(value.dtype)
     coarse, fine = shrink_factors(threshold, norm, over)
     return coarse, fine, over
 
@@ -79,7 +82,7 @@ def scale_under_policy(
 def clip_to_global_norm(
     paths: list[Any],
     leaves: list[jax.Array],
-    norm: jax.Array,
+    norm: ScaledNorm,
     limit: jax.Array,
     policy: NonfinitePolicy,
     label: str,
@@ -89,9 +92,12 @@ def clip_to_global_norm(
 
     The one implementation of "clip by a global threshold" that every global clipper, static
     or adaptive, goes through: double-where scale, non-finite policy, dtype-preserving
-    multiply and the ClipStats (``count`` is the value to store, this step included).
+    multiply and the ClipStats (``count`` is the value to store, this step included). A
+    finite gradient whose norm passes the dtype's range is clipped like any other; its
+    ``pre_clip_norm`` reads inf.
     """
-    finite = jnp.isfinite(norm)
+    finite = norm.finite
+    value = norm.value
 
     def factors(operands: Any) -> tuple[jax.Array, jax.Array]:
         norm, limit = operands
@@ -107,16 +113,16 @@ def clip_to_global_norm(
         finite,
         factors,
         (norm, limit),
-        norm,
+        value,
         lambda both: ([both[0]] * n, [both[1]] * n),
     )
     scale = coarse * fine
     applied = policy.report(finite, scale, if_zeroed=0, if_passed=1)
-    post = policy.report(finite, (norm * coarse) * fine, if_zeroed=0, if_passed=norm)
+    post = policy.report(finite, scaled_post_norm(norm, coarse, fine), if_zeroed=0, if_passed=value)
     stats = make_stats(
         label,
-        count=count,
-        pre_clip_norm=norm,
+        steps=count,
+        pre_clip_norm=value,
         post_clip_norm=post,
         threshold=limit,
         clipped_fraction=(applied < 1).astype(jnp.float32),

@@ -7,7 +7,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax import lax
 
 from optaxclip._guards.common import (
     check_inner,
@@ -16,46 +15,25 @@ from optaxclip._guards.common import (
     loss_is_finite,
 )
 from optaxclip._lowering import ReadView
-from optaxclip._numerics.arithmetic import accumulation_dtype
-from optaxclip._numerics.reductions import norm_of_leaves, sum_of_leaves
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, normalize_axis_names
 from optaxclip._spec.validation import check_count
-
-
-def _times_zero(x: jax.Array, twin: int) -> jax.Array:
-    """The sum of ``x * 0``: 0 when every entry of ``x`` is finite, NaN otherwise."""
-    del twin
-    acc = accumulation_dtype(x.dtype)
-    if jnp.iscomplexobj(x):
-        return jnp.sum(jnp.real(x).astype(acc) * 0 + jnp.imag(x).astype(acc) * 0)
-    return jnp.sum(x.astype(acc) * 0)
 
 
 def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
     """Whether every entry of every leaf is finite, on every device along ``axes``.
 
-    First the leaves' 2-norm, computed as every norm of ours is: a NaN or an infinity makes
-    it non-finite, and finite entries do so only when the norm itself passes the float32
-    range. Only when it is not finite, a conditional sums ``x * 0`` over the leaves (0 exactly
-    when every entry is finite, NaN otherwise), so that a tree of huge but finite values is
-    not taken for a non-finite one. The norm comes first because it is the one reduction
-    XLA:CPU reads without extra work in a training step: with the gradient computed in the
-    same program, a sum of ``x * 0`` makes it fault in a second leaf-sized block of pages on
-    every call, and ``all(isfinite(x))`` per leaf writes each leaf's flags out in full.
+    Read from the leaves' 2-norm in its scaled form: a NaN or an infinity makes its root
+    non-finite, while finite entries never do, even where the norm itself passes float32's
+    range (the rescaled pass divides by the largest entry first). The norm is the one
+    reduction XLA:CPU reads without extra work in a training step: a sum of ``x * 0`` makes
+    it fault in a second leaf-sized block of pages on every call, and ``all(isfinite(x))``
+    per leaf writes each leaf's flags out in full.
     """
     if not leaves:
         return jnp.asarray(True)
     n = len(leaves)
-    finite = jnp.isfinite(norm_of_leaves(leaves, 2.0, [axes] * n, view=ReadView.FINITE_CHECK))
-
-    def exact(operands: list[jax.Array]) -> jax.Array:
-        total = sum_of_leaves(operands, [axes] * n, [_times_zero] * n, view=ReadView.FINITE_CHECK)
-        return total == 0
-
-    # The first branch returns ``finite`` itself (True there), not a constant: inside
-    # shard_map without axis_name the decision varies along the leaves' axes, and both
-    # branches must carry the same device-variance type.
-    return lax.cond(finite, lambda _: finite, exact, leaves)
+    return scaled_norm_of_leaves(leaves, 2.0, [axes] * n, view=ReadView.FINITE_CHECK).finite
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -77,8 +55,8 @@ class SkipNonfiniteState(NamedTuple):
 
 def skip_nonfinite(
     inner: optax.GradientTransformation,
-    *,
     max_consecutive_errors: int | None = None,
+    *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the optimizer step when the gradient (or the loss) holds NaN or Inf.
@@ -98,7 +76,8 @@ def skip_nonfinite(
 
     Args:
       inner: the optimizer (any ``optax.GradientTransformation``) to guard.
-      max_consecutive_errors: None (never apply a non-finite step) or an integer >= 1.
+      max_consecutive_errors: None (never apply a non-finite step) or an integer >= 1. It
+        may be given by position, as in ``optax.apply_if_finite(inner, 3)``.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is
         split across, so that every device takes the same decision when only one shard
         holds a NaN. (Under ``jit`` with sharded arrays no argument is needed.)
@@ -131,7 +110,13 @@ def skip_nonfinite(
     limit = (
         None
         if max_consecutive_errors is None
-        else check_count(max_consecutive_errors, "max_consecutive_errors", minimum=1)
+        else check_count(
+            max_consecutive_errors,
+            "max_consecutive_errors",
+            minimum=1,
+            call="skip_nonfinite",
+            injectable=False,
+        )
     )
     axes = normalize_axis_names(axis_name)
 

@@ -10,7 +10,8 @@ import optax
 
 from optaxclip._engine.clip import flatten_updates
 from optaxclip._guards.common import check_inner, guarded_update, increment
-from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._numerics.arithmetic import power_of_two_divisor
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.validation import check_count, check_positive, normalize_ord
 
@@ -61,9 +62,16 @@ def _window_threshold(values: jax.Array, count: jax.Array, k: float, min_history
     filled = jnp.minimum(count, size)
     mask = jnp.arange(size) < filled
     n = jnp.maximum(filled, 1).astype(jnp.float32)
-    mean = jnp.sum(jnp.where(mask, values, 0)) / n
-    var = jnp.sum(jnp.where(mask, jnp.square(values - mean), 0)) / jnp.maximum(n - 1, 1)
-    std = jnp.maximum(jnp.sqrt(var), jnp.maximum(_STD_FLOOR * jnp.abs(mean), _TINY))
+    # The sums run over the values divided by a power of two near the largest magnitude:
+    # sums of values or squares of deviations beyond the square root of the largest float
+    # would overflow to an infinite threshold, under which no spike is ever skipped.
+    scale = power_of_two_divisor(jnp.max(jnp.where(mask, jnp.abs(values), 0)))
+    scaled = jnp.where(mask, values / scale, 0)
+    scaled_mean = jnp.sum(scaled) / n
+    squares = jnp.where(mask, jnp.square(scaled - scaled_mean), 0)
+    scaled_var = jnp.sum(squares) / jnp.maximum(n - 1, 1)
+    mean = scale * scaled_mean
+    std = jnp.maximum(scale * jnp.sqrt(scaled_var), jnp.maximum(_STD_FLOOR * jnp.abs(mean), _TINY))
     return jnp.where(filled >= min_history, mean + jnp.float32(k) * std, jnp.inf)
 
 
@@ -90,9 +98,12 @@ def skip_spikes(
     ``update`` is given ``loss=``) of the last ``window`` *accepted* steps. Once at least
     ``min_history`` accepted values are in a window, a step is skipped when its value
     exceeds ``mean + k * std`` of that window (one-sided; std with Bessel's correction,
-    floored at ``1e-6 * |mean|``). Norm and loss are tested separately: either spiking skips
-    the step. A NaN/Inf norm or loss also skips, at any time. A skipped step gives a zero
-    update and leaves the whole inner state unchanged, as :func:`skip_nonfinite` does.
+    floored at ``1e-6 * |mean|`` and at ``1e-30``). Norm and loss are tested separately:
+    either spiking skips the step. A NaN/Inf norm or loss also skips, at any time. A skipped
+    step gives a zero update and leaves the whole inner state unchanged, as
+    :func:`skip_nonfinite` does. The window's sums run on values divided by a power of two
+    near its largest, so the threshold is finite whenever its exact value is (the squares of
+    values beyond the square root of the largest float would overflow).
 
     Only accepted steps enter the windows. OLMo-core, Levanter and MaxText append every
     step, spikes included; then one spike inflates the standard deviation for the next
@@ -148,35 +159,39 @@ def skip_spikes(
       ``skipstep.py``; MaxText ``skip_step_on_spikes``.
     """
     guarded = check_inner(inner)
-    size = check_count(window, "window", minimum=2)
-    check_positive(k, "k")
-    history = check_count(min_history, "min_history", minimum=2)
+    call = "skip_spikes"
+    size = check_count(window, "window", minimum=2, call=call, injectable=False)
+    check_positive(k, "k", call=call)
+    history = check_count(min_history, "min_history", minimum=2, call=call, injectable=False)
     if history > size:
-        raise ValueError(f"min_history ({history}) must not exceed window ({size}).")
-    p = normalize_ord(ord)
+        raise ValueError(
+            f"skip_spikes(min_history=...): must be <= window ({size}), got {history}."
+        )
+    p = normalize_ord(ord, call=call)
     limit = (
         None
         if max_consecutive_skips is None
-        else check_count(max_consecutive_skips, "max_consecutive_skips", minimum=1)
+        else check_count(
+            max_consecutive_skips, "max_consecutive_skips", minimum=1, call=call, injectable=False
+        )
     )
     normalize_axis_names(axis_name)
 
     def init_fn(params: Any) -> SkipSpikesState:
-        zero_f = jnp.zeros((), jnp.float32)
-        zero_i = jnp.zeros((), jnp.int32)
+        # Every field gets its own buffer, so that the state can be donated to a jitted update.
         return SkipSpikesState(
             inner_state=guarded.init(params),
             norm_window=jnp.zeros((size,), jnp.float32),
-            norm_count=zero_i,
+            norm_count=jnp.zeros((), jnp.int32),
             loss_window=jnp.zeros((size,), jnp.float32),
-            loss_count=zero_i,
-            last_norm=zero_f,
+            loss_count=jnp.zeros((), jnp.int32),
+            last_norm=jnp.zeros((), jnp.float32),
             norm_threshold=jnp.asarray(jnp.inf, jnp.float32),
             last_loss=jnp.zeros((), jnp.float32),
             loss_threshold=jnp.asarray(jnp.inf, jnp.float32),
             skipped=jnp.asarray(False),
-            consecutive_skips=zero_i,
-            total_skipped=zero_i,
+            consecutive_skips=jnp.zeros((), jnp.int32),
+            total_skipped=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(
@@ -184,7 +199,7 @@ def skip_spikes(
     ) -> tuple[Any, SkipSpikesState]:
         _, leaves, _ = flatten_updates(updates)
         axes = leaf_reduction_axes(updates, axis_name, layout)
-        norm = norm_of_leaves(leaves, p, axes).astype(jnp.float32)
+        norm = scaled_norm_of_leaves(leaves, p, axes).saturated.astype(jnp.float32)
         norm_threshold = _window_threshold(state.norm_window, state.norm_count, k, history)
         spike = norm > norm_threshold
         finite = jnp.isfinite(norm)

@@ -14,7 +14,7 @@ Accuracy contract:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,18 +60,73 @@ def safe_root(total: jax.Array, p: float) -> jax.Array:
 
 
 def rescale_divisor(largest: jax.Array) -> jax.Array:
-    """What a rescaled sum divides by: ``largest``, at most 2^126 (1 for 0, inf or NaN).
+    """What a rescaled sum divides by: ``largest``, at most 2^126 (1 for 0, subnormal, inf or NaN).
 
     Dividing by an entry above 2^126 may be computed as a multiplication by its reciprocal,
     which is subnormal and flushed to 0 on CPUs. Capped there, the quotients stay at most 4
     and their squares cannot overflow.
     """
     cap = 2.0 ** (jnp.finfo(largest.dtype).maxexp - 2)
-    return jnp.where((largest > 0) & jnp.isfinite(largest), jnp.minimum(largest, cap), 1)
+    # A subnormal largest entry is read as 0 by CPUs that flush subnormal operands, so
+    # dividing by it would give 0/0: such entries are left to the direct sum.
+    usable = (largest >= jnp.finfo(largest.dtype).tiny) & jnp.isfinite(largest)
+    return jnp.where(usable, jnp.minimum(largest, cap), 1)
+
+
+def power_of_two_divisor(largest: jax.Array) -> jax.Array:
+    """A power of two in ``(largest, 2 * largest]``, bounded to ``[2^-126, 2^126]``.
+
+    Dividing by a power of two only shifts exponents, so a mean or a sum of squares of the
+    quotients rounds exactly as that of the values would, and the whole statistic is that
+    result times the divisor; but the quotients are below 4, so their squares and sums
+    cannot overflow. Within the bounds the divisor and its reciprocal are normal floats, so
+    a division carried out as a multiplication by the reciprocal stays exact on CPUs that
+    flush subnormals. 0 gives 1.
+    """
+    _, exponent = jnp.frexp(lax.stop_gradient(largest))
+    return jnp.ldexp(jnp.ones_like(largest), jnp.clip(exponent, -126, 126))
+
+
+class ScaledNorm(NamedTuple):
+    """A norm (or a vector of norms) held as ``divisor * root``.
+
+    A rescaled reduction divides the entries by their largest magnitude before summing, so
+    ``root`` stays in range even where the norm itself passes float32's largest number: a
+    finite gradient whose norm reads inf as one number is still clipped exactly from these
+    two. ``divisor`` is 1 where no rescaling was needed.
+    """
+
+    divisor: jax.Array
+    root: jax.Array
+
+    @property
+    def value(self) -> jax.Array:
+        """The norm as one number: inf where it passes the dtype's range."""
+        return self.divisor * self.root
+
+    @property
+    def finite(self) -> jax.Array:
+        """Whether every entry reduced was finite (NaN or Inf make ``root`` non-finite)."""
+        return jnp.isfinite(self.root)
+
+    @property
+    def saturated(self) -> jax.Array:
+        """``value``, with a finite norm past the dtype's range read as its largest number.
+
+        What a threshold rule sees: larger than any threshold, yet finite in a statistic.
+        """
+        value = self.value
+        largest = jnp.finfo(value.dtype).max
+        return jnp.where(self.finite & jnp.isinf(value), largest, value)
+
+
+def plain_norm(norm: jax.Array) -> ScaledNorm:
+    """A norm computed as one number, in the scaled form (divisor 1)."""
+    return ScaledNorm(jnp.ones_like(norm), norm)
 
 
 def shrink_factors(
-    limit: jax.Array, norm: jax.Array, over: jax.Array
+    limit: jax.Array, norm: jax.Array | ScaledNorm, over: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``limit / norm`` where ``over`` (else 1), as factors ``(coarse, fine)`` of that ratio.
 
@@ -79,9 +134,37 @@ def shrink_factors(
     times its limit) would come out as 0 and zero the gradient, whose clipped entries are in
     fact as large as the limit. Ratios below 2^-100 are therefore returned as ``2^-100`` times
     a normal number; otherwise ``coarse`` is 1 and ``fine`` is the ratio itself, so that
-    ``(x * coarse) * fine`` is bit for bit ``x * ratio``. Double-where form: the derivative is
-    finite everywhere.
+    ``(x * coarse) * fine`` is bit for bit ``x * ratio``. A :class:`ScaledNorm` past the
+    dtype's range (its value reads inf, its entries are finite) gives ``coarse``, the power of
+    two that brings its divisor into [1, 2), and ``fine``, the limit over the rest. Works
+    elementwise on vectors of norms. Double-where form: the derivative is finite everywhere.
     """
+    if not isinstance(norm, ScaledNorm):
+        return _shrink_factors(limit, norm, over)
+    value = norm.value
+    coarse, fine = _shrink_factors(limit, value, over)
+    past = over & jnp.isinf(value) & norm.finite
+    limit = jnp.asarray(limit).astype(value.dtype)
+    divisor = jnp.where(past, norm.divisor, 1)
+    root = jnp.where(past, norm.root, 1)
+    # coarse = 2^k with k as large as keeps both the divided norm (below 2^124) and
+    # limit / (norm * coarse) (above 2^-126) in range: every entry whose clipped value is a
+    # normal number stays normal after the first multiplication.
+    _, e_divisor = jnp.frexp(divisor)
+    _, e_root = jnp.frexp(root)
+    _, e_limit = jnp.frexp(jnp.where(past & (limit > 0), limit, 1))
+    top = jnp.finfo(value.dtype).maxexp - 4
+    k = jnp.clip(
+        jnp.minimum(e_limit + top, top) - e_divisor - e_root, jnp.finfo(value.dtype).minexp, 0
+    )
+    down = jnp.ldexp(jnp.ones_like(divisor), k)
+    beyond = limit / ((divisor * down) * root)
+    return jnp.where(past, down, coarse), jnp.where(past, beyond, fine)
+
+
+def _shrink_factors(
+    limit: jax.Array, norm: jax.Array, over: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     limit = jnp.asarray(limit).astype(norm.dtype)
     safe_norm = jnp.where(over, norm, 1)
     direct = jnp.where(over, limit / safe_norm, 1)
@@ -92,11 +175,22 @@ def shrink_factors(
     return coarse, fine
 
 
+def scaled_post_norm(norm: jax.Array | ScaledNorm, coarse: jax.Array, fine: jax.Array) -> jax.Array:
+    """The norm after multiplying by ``coarse`` then ``fine`` (``shrink_factors``' pair)."""
+    if not isinstance(norm, ScaledNorm):
+        return (norm * coarse) * fine
+    value = norm.value
+    past = jnp.isinf(value) & norm.finite
+    beyond = ((jnp.where(past, norm.divisor, 1) * coarse) * norm.root) * fine
+    return jnp.where(past, beyond, (value * coarse) * fine)
+
+
 def multiply(leaf: jax.Array, scale: jax.Array, coarse: jax.Array | None = None) -> jax.Array:
     """``leaf * scale`` (``(leaf * coarse) * scale`` with ``coarse``) in the leaf's dtype.
 
     fp16/bf16 leaves are multiplied in float32 and rounded once. A scale of exactly 1 returns
-    the leaf bit for bit.
+    the leaf bit for bit, except for subnormal entries on backends that flush them to 0 in
+    every multiplication (XLA:CPU does).
     """
     if leaf.dtype in (jnp.float16, jnp.bfloat16):
         wide = lax.convert_element_type(leaf, jnp.float32)
@@ -187,7 +281,12 @@ def abs_max_for_scaling(
     """
     if x.size == 0:
         return jnp.zeros((), acc)
-    mag = magnitude(x, acc)
+    if jnp.iscomplexobj(x):
+        # The larger of |re| and |im|, not the modulus, which passes the float range for
+        # finite parts near its top: the divided parts still square to at most 16 each.
+        mag = jnp.maximum(jnp.abs(jnp.real(x).astype(acc)), jnp.abs(jnp.imag(x).astype(acc)))
+    else:
+        mag = magnitude(x, acc)
     if axis is not None:
         return lax.reduce_max(mag, (axis,) if isinstance(axis, int) else axis)
     return lax.reduce_max(mag, tuple(range(mag.ndim))) if mag.ndim else mag
@@ -232,3 +331,18 @@ def combine_norms(norms: jax.Array, p: float) -> jax.Array:
     largest = lax.stop_gradient(jnp.max(norms))
     divisor = rescale_divisor(largest)
     return divisor * safe_root(jnp.sum((norms / divisor) ** p), p)
+
+
+def combine_scaled_norms(norms: ScaledNorm, p: float) -> ScaledNorm:
+    """``combine_norms`` of a vector of scaled norms, kept in the scaled form.
+
+    Each part is brought to the largest divisor before the sum, so that parts whose values
+    pass the dtype's range still combine into a finite ``root``.
+    """
+    if norms.root.size == 0:
+        return plain_norm(jnp.zeros((), norms.root.dtype))
+    if p == math.inf:  # max |x| needs no divisor: it is one of the entries
+        return plain_norm(combine_norms(norms.value, p))
+    divisor = lax.stop_gradient(jnp.max(norms.divisor))
+    parts = (norms.divisor / divisor) * norms.root
+    return ScaledNorm(divisor, combine_norms(parts, p))

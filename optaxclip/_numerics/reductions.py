@@ -25,9 +25,11 @@ from jax import lax
 from optaxclip import _lowering as lowering
 from optaxclip._lowering import ReadView, Transform
 from optaxclip._numerics.arithmetic import (
+    ScaledNorm,
     abs_max,
     abs_max_for_scaling,
     needs_rescue,
+    plain_norm,
     pmax,
     power_sum,
     psum,
@@ -90,6 +92,18 @@ def norm_of_leaves(
     *,
     view: ReadView = ReadView.NORM,
 ) -> jax.Array:
+    """``scaled_norm_of_leaves`` as one number: inf where the norm passes the dtype's range."""
+    return scaled_norm_of_leaves(leaves, p, leaf_axes, transforms, view=view).value
+
+
+def scaled_norm_of_leaves(
+    leaves: Sequence[jax.Array],
+    p: float,
+    leaf_axes: Sequence[tuple[str, ...]],
+    transforms: Sequence[Transform | None] | None = None,
+    *,
+    view: ReadView = ReadView.NORM,
+) -> ScaledNorm:
     """The p-norm of all leaves together; leaf i's partial sums are reduced over leaf_axes[i].
 
     With ``transforms``, the norm of ``transforms[i](leaves[i], twin)`` (elementwise functions
@@ -100,7 +114,7 @@ def norm_of_leaves(
     """
     acc = result_dtype(leaves)
     if not leaves:
-        return jnp.zeros((), acc)
+        return plain_norm(jnp.zeros((), acc))
     leaves = lowering.converted_apart_from_the_output(leaves)
     groups = _grouped_buckets(leaves, leaf_axes, transforms, view)
 
@@ -124,30 +138,44 @@ def norm_of_leaves(
         )
 
     if p == math.inf:
-        return across(lambda a: abs_max(a, acc), pmax, jnp.max)
+        return plain_norm(across(lambda a: abs_max(a, acc), pmax, jnp.max))
 
-    def rescaled() -> jax.Array:
+    def rescaled() -> ScaledNorm:
         largest = across(lambda a: abs_max_for_scaling(a, acc), pmax, jnp.max)
         largest = lax.stop_gradient(largest)
         divisor = rescale_divisor(largest)
         total = across(lambda a: power_sum(a, p, acc, divisor), psum, jnp.sum)
-        return divisor * safe_root(total, p)
+        return ScaledNorm(divisor, safe_root(total, p))
 
     if p not in (1.0, 2.0):
         return rescaled()
     total = across(lambda a: power_sum(a, p, acc), psum, jnp.sum)
     return lax.cond(
-        needs_rescue(total, p, zero_is_suspect=True), rescaled, lambda: safe_root(total, p)
+        needs_rescue(total, p, zero_is_suspect=True),
+        rescaled,
+        lambda: plain_norm(safe_root(total, p)),
     )
 
 
 def norms_per_leaf(
     leaves: Sequence[jax.Array], p: float, leaf_axes: Sequence[tuple[str, ...]]
 ) -> jax.Array:
-    """A vector with the p-norm of each leaf (same accuracy rules as ``norm_of_leaves``)."""
+    """``scaled_norms_per_leaf`` as one vector: inf where a norm passes the dtype's range."""
+    return scaled_norms_per_leaf(leaves, p, leaf_axes).value
+
+
+def scaled_norms_per_leaf(
+    leaves: Sequence[jax.Array], p: float, leaf_axes: Sequence[tuple[str, ...]]
+) -> ScaledNorm:
+    """The p-norm of each leaf, as vectors (same accuracy rules as ``norm_of_leaves``).
+
+    As for the global norm, a leaf whose direct sum is 0 is checked by the rescaled pass, so
+    that a leaf of entries too small to square in float32 gets its true norm, not 0. A leaf
+    of exact zeros therefore runs that pass on every step it is zero.
+    """
     acc = result_dtype(leaves)
     if not leaves:
-        return jnp.zeros((0,), acc)
+        return plain_norm(jnp.zeros((0,), acc))
     leaves = lowering.converted_apart_from_the_output(leaves)
     blocks, n_alone, inverse = lowering.row_blocks(leaves, leaf_axes)
     # Built once: the rescue's conditional takes these arrays (a few stacks) as operands.
@@ -172,25 +200,28 @@ def norms_per_leaf(
     def in_leaf_order(vector: jax.Array) -> jax.Array:
         return vector if identity else lowering.one_buffer(vector[inverse])
 
-    if p == math.inf:
-        return in_leaf_order(per_leaf(lambda a, axis, _: abs_max(a, acc, axis), pmax))
+    def ordered(norms: ScaledNorm) -> ScaledNorm:
+        return ScaledNorm(in_leaf_order(norms.divisor), in_leaf_order(norms.root))
 
-    def rescaled() -> jax.Array:
+    if p == math.inf:
+        return ordered(plain_norm(per_leaf(lambda a, axis, _: abs_max(a, acc, axis), pmax)))
+
+    def rescaled() -> ScaledNorm:
         maxima = lax.stop_gradient(
             per_leaf(lambda a, axis, _: abs_max_for_scaling(a, acc, axis), pmax)
         )
         divisors = rescale_divisor(maxima)
         sums = per_leaf(lambda a, axis, d: power_sum(a, p, acc, d, axis), psum, divisors)
-        return divisors * safe_root(sums, p)
+        return ScaledNorm(divisors, safe_root(sums, p))
 
     if p not in (1.0, 2.0):
-        return in_leaf_order(rescaled())
+        return ordered(rescaled())
     sums = per_leaf(lambda a, axis, _: power_sum(a, p, acc, None, axis), psum)
-    return in_leaf_order(
+    return ordered(
         lax.cond(
-            jnp.any(needs_rescue(sums, p, zero_is_suspect=False)),
+            jnp.any(needs_rescue(sums, p, zero_is_suspect=True)),
             rescaled,
-            lambda: safe_root(sums, p),
+            lambda: plain_norm(safe_root(sums, p)),
         )
     )
 

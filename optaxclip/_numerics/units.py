@@ -18,6 +18,7 @@ from jax import lax
 
 from optaxclip import _lowering as lowering
 from optaxclip._numerics.arithmetic import (
+    ScaledNorm,
     accumulation_dtype,
     needs_rescue,
     power_sum,
@@ -105,8 +106,11 @@ def unit_norms(
     blocks: Sequence[UnitBlock],
     axes: Sequence[tuple[int, ...]],
     rescue: bool,
-) -> list[jax.Array]:
+) -> list[ScaledNorm]:
     """The L2 norm of each unit, per block: a vector for a stacked block, else the leaf's shape.
+
+    Each in the scaled form (``divisor * root``), so that a unit of finite entries whose norm
+    passes float32's range is still clipped exactly.
 
     With ``rescue``, when any unit's sum of squares overflows or loses bits to underflow, one
     rescaled pass over every block runs under a single ``lax.cond`` whose operands are the
@@ -126,10 +130,17 @@ def unit_norms(
     direct = [
         _unit_sums(x, r, b.summed, None) for x, r, b in zip(inputs, reduced, blocks, strict=True)
     ]
-    if not rescue or not blocks:
-        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
 
-    def rescaled(operands: list[jax.Array]) -> list[jax.Array]:
+    def as_is(_: list[jax.Array]) -> list[ScaledNorm]:
+        return [
+            ScaledNorm(jnp.ones_like(root), root)
+            for root in (flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True))
+        ]
+
+    if not rescue or not blocks:
+        return as_is(inputs)
+
+    def rescaled(operands: list[jax.Array]) -> list[ScaledNorm]:
         out = []
         for x, r, b in zip(operands, reduced, blocks, strict=True):
             acc = accumulation_dtype(x.dtype)
@@ -137,11 +148,9 @@ def unit_norms(
             if b.summed:
                 largest = lax.pmax(largest, b.summed)
             divisor = rescale_divisor(lax.stop_gradient(largest))
-            out.append(flat(divisor * safe_root(_unit_sums(x, r, b.summed, divisor), 2.0), b))
+            root = safe_root(_unit_sums(x, r, b.summed, divisor), 2.0)
+            out.append(ScaledNorm(flat(jnp.broadcast_to(divisor, root.shape), b), flat(root, b)))
         return out
-
-    def as_is(_: list[jax.Array]) -> list[jax.Array]:
-        return [flat(safe_root(t, 2.0), b) for t, b in zip(direct, blocks, strict=True)]
 
     suspects = []
     for total, block in zip(direct, blocks, strict=True):

@@ -9,30 +9,63 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-_FIELDS = ("pre_clip_norm", "post_clip_norm", "threshold", "scale", "clipped_fraction", "count")
+_FIELDS = ("pre_clip_norm", "post_clip_norm", "threshold", "scale", "clipped_fraction", "steps")
 
 
 class ClipStats(NamedTuple):
     """What a clipper did on its most recent update; every clipper's state carries one.
 
-    All fields are scalars. The float fields are float32; ``count`` is int32, because a
+    All fields are scalars. The float fields are float32; ``steps`` is int32, because a
     float32 counter stops increasing at 2**24 steps.
 
+    Every field means the same thing for every clipper. The clippers come in four kinds:
+    *global* (``clip_by_global_norm``, ``autoclip``, ``quantile_clip``, ``zclip``) scale the
+    whole gradient by one factor; *per-leaf* (``clip_by_leaf_norm``, ``clip_by_block_rms``,
+    ``adagc``) scale each leaf by its own factor; *per-unit* (``adaptive_grad_clip``) scale
+    each unit, a slice of a leaf; *value* (``clip_by_value``) clamps each element. The norms
+    are always norms of the whole gradient the clipper acts on (for AGC, the leaves it does
+    not exclude), so they can be compared across clippers and with
+    :func:`optaxclip.global_norm`.
+
+    On a step whose gradient holds NaN or Inf, ``pre_clip_norm`` is not finite and the
+    ``nonfinite=`` policy decides the rest, the same way for every clipper:
+
+    * ``"propagate"``: the gradient passes through unchanged, so ``post_clip_norm`` equals
+      ``pre_clip_norm``, ``scale`` is 1 and ``clipped_fraction`` 0.
+    * ``"zero"``: the update is all zeros, so ``post_clip_norm`` and ``scale`` are 0 and
+      ``clipped_fraction`` is 1.
+    * ``"error"``: the update raises; under ``jit``, where the error surfaces when the
+      result is read, the stats are those of ``"propagate"``.
+
+    ``threshold`` is the one the step would have used; adaptive clippers leave their running
+    statistics as they were.
+
     Attributes:
-      pre_clip_norm: the norm of the incoming gradient (in the clipper's ``ord``).
-      post_clip_norm: the norm of the outgoing gradient. Global and per-leaf clippers derive
-        it from the scale factors, without another pass over the gradient.
-      threshold: the threshold in effect this step. For per-leaf and per-unit clippers it is
-        the smallest per-leaf threshold, which is the threshold itself when it is uniform.
-      scale: ``post_clip_norm / pre_clip_norm`` (1 when nothing was clipped or the norm is 0);
-        for global clippers this is exactly the factor every leaf was multiplied by. A factor
-        below float32's smallest normal number (a norm more than 2^126 times the threshold)
-        reads 0 here, as XLA on CPU flushes it; the leaves themselves are then multiplied in
-        two steps, so they still come out at the threshold.
+      pre_clip_norm: the norm of the incoming gradient: in the clipper's ``ord`` for
+        ``clip_by_global_norm``, ``autoclip``, ``quantile_clip`` and ``clip_by_leaf_norm``,
+        the L2 norm for the others.
+      post_clip_norm: the same norm of the outgoing gradient. Global, per-leaf and per-unit
+        clippers derive it from the scale factors, without another pass over the gradient.
+      threshold: the bound in effect this step, in the units of what the clipper compares
+        with it. Global clippers: the norm above which the gradient is scaled (for
+        ``zclip``, the spike boundary). Per-leaf clippers: the smallest per-leaf bound on a
+        leaf's norm, which is the threshold itself when it is uniform; for
+        ``clip_by_block_rms`` that is the L2 norm a leaf may reach, ``threshold_i *
+        sqrt(size_i)``, not the RMS bound, so that it reads in the units of the two norms.
+        Per-unit: the smallest unit limit ``clipping * max(||W_i||, eps)``. Value: the
+        smallest per-leaf upper bound ``max_delta``, an element bound.
+      scale: ``post_clip_norm / pre_clip_norm``, 1 when ``pre_clip_norm`` is 0. For global
+        clippers it is exactly the factor every leaf was multiplied by; for the others, how
+        much the gradient's norm shrank as a whole. A factor below float32's smallest normal
+        number (a norm more than 2^126 times the threshold) reads 0 here, as XLA on CPU
+        flushes it; the leaves themselves are then multiplied in two steps, so they still
+        come out at the threshold.
       clipped_fraction: the fraction of what the clipper decides on that was clipped: 0 or 1
-        for global clippers, the fraction of leaves (per-leaf), units (per-unit) or
-        elements (value clipping).
-      count: the number of updates seen, this one included.
+        for global clippers (and ``adagc`` during its warm-up), the fraction of leaves
+        (per-leaf), units (per-unit) or elements (value clipping).
+      steps: the number of updates seen, this one included. (Named ``steps``, not
+        ``count``, so that ``optax.tree_utils.tree_get(state, "count")`` still finds only
+        the optimizer's own counter.)
       name: a static label used by :func:`clip_stats` as the key prefix; it is pytree
         metadata, not an array, so it does not travel through ``jit`` as data.
     """
@@ -42,7 +75,7 @@ class ClipStats(NamedTuple):
     threshold: jax.Array
     scale: jax.Array
     clipped_fraction: jax.Array
-    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count on purpose
+    steps: jax.Array
     name: str = "clip"
 
 
@@ -61,15 +94,18 @@ jax.tree_util.register_pytree_with_keys(ClipStats, _flatten_with_keys, _unflatte
 
 
 def initial_stats(name: str) -> ClipStats:
-    """The stats a clipper holds before its first update."""
-    zero = jnp.zeros((), jnp.float32)
+    """The stats a clipper holds before its first update.
+
+    Every field is an array of its own, not one shared zero: a state whose leaves share a
+    buffer cannot be donated to a jitted update (XLA refuses to donate a buffer twice).
+    """
     return ClipStats(
-        pre_clip_norm=zero,
-        post_clip_norm=zero,
-        threshold=zero,
+        pre_clip_norm=jnp.zeros((), jnp.float32),
+        post_clip_norm=jnp.zeros((), jnp.float32),
+        threshold=jnp.zeros((), jnp.float32),
         scale=jnp.ones((), jnp.float32),
-        clipped_fraction=zero,
-        count=jnp.zeros((), jnp.int32),
+        clipped_fraction=jnp.zeros((), jnp.float32),
+        steps=jnp.zeros((), jnp.int32),
         name=name,
     )
 
@@ -77,33 +113,39 @@ def initial_stats(name: str) -> ClipStats:
 def make_stats(
     name: str,
     *,
-    count: ArrayLike,
+    steps: ArrayLike,
     pre_clip_norm: ArrayLike,
     post_clip_norm: ArrayLike,
     threshold: ArrayLike,
     clipped_fraction: ArrayLike,
 ) -> ClipStats:
-    """Builds a ClipStats; ``scale`` is derived as post/pre (1 where pre is 0 or not finite)."""
+    """Builds a ClipStats; ``scale`` is derived as post/pre.
+
+    Where that ratio is not a number, ``scale`` follows what the step did: 0 for a
+    non-finite ``pre`` with a ``post`` of 0, the update that ``nonfinite="zero"`` zeroed;
+    1 otherwise (a zero ``pre``: nothing to scale; a non-finite one passed through).
+    """
     pre = jnp.asarray(pre_clip_norm, jnp.float32)
     post = jnp.asarray(post_clip_norm, jnp.float32)
     usable = (pre > 0) & jnp.isfinite(pre) & jnp.isfinite(post)
-    scale = jnp.where(usable, post / jnp.where(usable, pre, 1), 1)
+    zeroed = ~jnp.isfinite(pre) & (post == 0)
+    scale = jnp.where(usable, post / jnp.where(usable, pre, 1), jnp.where(zeroed, 0, 1))
     return ClipStats(
         pre_clip_norm=pre,
         post_clip_norm=post,
         threshold=jnp.asarray(threshold, jnp.float32),
         scale=scale.astype(jnp.float32),
         clipped_fraction=jnp.asarray(clipped_fraction, jnp.float32),
-        count=jnp.asarray(count, jnp.int32),
+        steps=jnp.asarray(steps, jnp.int32),
         name=name,
     )
 
 
-def nothing_clipped(name: str, count: ArrayLike) -> ClipStats:
+def nothing_clipped(name: str, steps: ArrayLike) -> ClipStats:
     """The stats of a step with no leaf to clip (an empty tree, or every leaf excluded)."""
     return make_stats(
         name,
-        count=count,
+        steps=steps,
         pre_clip_norm=0.0,
         post_clip_norm=0.0,
         threshold=jnp.inf,

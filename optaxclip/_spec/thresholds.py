@@ -7,6 +7,7 @@ everywhere.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from optaxclip._spec.trees import broadcast_prefix
-from optaxclip._spec.validation import check_number, is_concrete_number, path_str
+from optaxclip._spec.validation import check_number, is_concrete_number, path_str, subject
 
 # What users may pass: a scalar, a schedule ``step -> value``, or for per-leaf clippers a
 # pytree of scalars (matching the gradient tree or a prefix of it) or ``(path, leaf) -> value``.
@@ -37,6 +38,12 @@ def _positional_arity(fn: Callable[..., Any]) -> int | None:
     return len(params)
 
 
+def _precision(leaf: Any) -> Any:
+    """The dtype a leaf's threshold takes: float64 for float64 (and complex128) leaves, else
+    float32, in which the narrower floating dtypes are compared and scaled."""
+    return jnp.promote_types(jnp.finfo(leaf.dtype).dtype, jnp.float32)
+
+
 class Threshold:
     """A validated threshold specification.
 
@@ -46,9 +53,19 @@ class Threshold:
     """
 
     def __init__(
-        self, value: ThresholdLike, name: str, *, per_leaf: bool, minimum: float = 0.0
+        self,
+        value: ThresholdLike,
+        name: str,
+        *,
+        per_leaf: bool,
+        minimum: float = 0.0,
+        call: str | None = None,
     ) -> None:
         self.name = name
+        self.call = call
+        # How messages name the argument: "clip_by_leaf_norm(max_norm=...):" given ``call``.
+        who = subject(name, call)
+        self.who = who
         self.minimum = minimum
         self.value = value
         if callable(value) and not isinstance(value, (jax.Array,)):
@@ -59,13 +76,13 @@ class Threshold:
                 self.kind = "function"
             elif arity == 2:
                 raise TypeError(
-                    f"{name} got a callable of two arguments, which means a per-leaf threshold "
+                    f"{who} got a callable of two arguments, which means a per-leaf threshold "
                     f"(path, leaf) -> value; this clipper takes a single global threshold: pass "
                     f"a number or a schedule step -> value."
                 )
             else:
                 raise TypeError(
-                    f"{name} must be a number, a schedule (a callable step -> value)"
+                    f"{who} must be a number, a schedule (a callable step -> value)"
                     + (
                         ", a pytree of numbers or a callable (path, leaf) -> value"
                         if per_leaf
@@ -75,19 +92,17 @@ class Threshold:
                 )
         elif is_concrete_number(value) or isinstance(value, (jax.core.Tracer, bool)):
             self.kind = "constant"
-            check_number(value, name, minimum=minimum)
+            check_number(value, name, minimum=minimum, call=call)
         elif per_leaf:
             self.kind = "tree"
             leaves = jax.tree_util.tree_leaves_with_path(value)
             if not leaves:
-                raise ValueError(
-                    f"{name} is an empty pytree; give one number per leaf or a prefix."
-                )
+                raise ValueError(f"{who} is an empty pytree; give one number per leaf or a prefix.")
             for path, leaf in leaves:
-                check_number(leaf, name, path=path_str(path), minimum=minimum)
+                check_number(leaf, name, path=path_str(path), minimum=minimum, call=call)
         else:
             raise TypeError(
-                f"{name} must be a number or a schedule (a callable step -> value), "
+                f"{who} must be a number or a schedule (a callable step -> value), "
                 f"got {type(value).__name__} {value!r}."
             )
 
@@ -100,13 +115,37 @@ class Threshold:
         if self.kind == "schedule":
             first = self.value(0)
             if is_concrete_number(first):
-                check_number(first, f"{self.name} (schedule value at step 0)", minimum=self.minimum)
+                check_number(
+                    first,
+                    f"{self.name} (schedule value at step 0)",
+                    minimum=self.minimum,
+                    call=self.call,
+                )
 
-    def scalar(self, count: jax.Array) -> jax.Array:
-        """The global threshold at step ``count`` (number of updates before this one)."""
-        if self.kind == "schedule":
-            return jnp.asarray(self.value(count), jnp.float32)
-        return jnp.asarray(self.value, jnp.float32)
+    def scalar(self, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """The global threshold at step ``count`` (number of updates before this one).
+
+        In ``dtype``, converted from the value as given (a float64 gradient is clipped to a
+        float64 threshold, not a float32 one). A value known only at run time (from a
+        schedule, ``inject_hyperparams`` or a traced argument) goes through ``at_run_time``.
+        """
+        value = self.value(count) if self.kind == "schedule" else self.value
+        return self._checked(value, dtype)
+
+    def _checked(self, value: Any, dtype: Any) -> jax.Array:
+        if is_concrete_number(value) and not isinstance(value, jax.Array):
+            return jnp.asarray(value, dtype)
+        return self.at_run_time(jnp.asarray(value).astype(dtype))
+
+    def at_run_time(self, value: jax.Array) -> jax.Array:
+        """A threshold only known at run time, made safe: below ``minimum`` it acts as
+        ``minimum`` (a negative norm threshold as 0, which zeroes the update rather than
+        flipping its sign), and NaN acts as 0 (no step is taken rather than an unclipped
+        one). The stats report the value in effect.
+        """
+        if math.isfinite(self.minimum):
+            value = jnp.maximum(value, jnp.asarray(self.minimum, value.dtype))
+        return jnp.where(jnp.isnan(value), jnp.zeros_like(value), value)
 
     def per_leaf_values(self, tree: Any, count: jax.Array) -> list[jax.Array]:
         """One float32 threshold per leaf of ``tree`` (in ``tree_leaves`` order).
@@ -114,11 +153,13 @@ class Threshold:
         Raises ValueError naming the parameter and leaf path if a pytree spec does not match
         ``tree`` or a value is invalid.
         """
-        paths_leaves = jax.tree_util.tree_leaves_with_path(tree)
+        leaves = jax.tree_util.tree_leaves(tree)
+        dtypes = [_precision(x) for x in leaves]
         if self.kind in ("constant", "schedule"):
-            value = self.scalar(count)
-            return [value] * len(paths_leaves)
-        return [jnp.asarray(v, jnp.float32) for v in self._leaf_numbers(tree)]
+            value = self.value(count) if self.kind == "schedule" else self.value
+            by_dtype = {d: self._checked(value, d) for d in set(dtypes)}
+            return [by_dtype[d] for d in dtypes]
+        return [self._checked(v, d) for v, d in zip(self._leaf_numbers(tree), dtypes, strict=True)]
 
     def known_per_leaf(self, tree: Any) -> list[float | None]:
         """Each leaf's threshold as a Python float where the spec gives it as a plain number.
@@ -143,26 +184,28 @@ class Threshold:
             value = self.value(path, leaf)
             if callable(value):
                 raise TypeError(
-                    f"{self.name} returned a callable for leaf {path_str(path)}; "
+                    f"{self.who} returned a callable for leaf {path_str(path)}; "
                     f"a per-leaf function must return a number."
                 )
-            check_number(value, self.name, path=path_str(path), minimum=self.minimum)
+            check_number(
+                value, self.name, path=path_str(path), minimum=self.minimum, call=self.call
+            )
             out.append(value)
         return out
 
-    def per_leaf_vector(self, tree: Any, count: jax.Array) -> jax.Array:
-        """``per_leaf_values`` as one float32 vector.
+    def per_leaf_vector(self, tree: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """``per_leaf_values`` as one vector in ``dtype``.
 
         Built as a constant (or one broadcast) rather than by stacking one scalar per leaf,
         which XLA compiles slowly on trees with thousands of leaves.
         """
         if self.kind in ("constant", "schedule"):
             n = len(jax.tree_util.tree_leaves(tree))
-            return jnp.broadcast_to(self.scalar(count), (n,))
+            return jnp.broadcast_to(self.scalar(count, dtype), (n,))
         values = self._leaf_numbers(tree)
-        if all(is_concrete_number(v) for v in values):
-            return jnp.asarray(np.asarray(values, np.float32).reshape(-1))
-        return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
+        if all(is_concrete_number(v) and not isinstance(v, jax.Array) for v in values):
+            return jnp.asarray(np.asarray(values, np.dtype(dtype)).reshape(-1))
+        return jnp.stack([self._checked(v, dtype) for v in values])
 
     def _broadcast(self, tree: Any) -> list[Any]:
         """Broadcasts a pytree spec (the tree's structure or a prefix) to every leaf."""
@@ -170,7 +213,7 @@ class Threshold:
             self.value,
             tree,
             message=(
-                f"{self.name}: the per-leaf threshold pytree must match the gradient tree or be "
+                f"{self.who.rstrip(':')}: the per-leaf threshold pytree must match the gradient tree or be "
                 f"a prefix of it."
             ),
             tree_name="gradient",
@@ -179,7 +222,7 @@ class Threshold:
         for (path, _), value in zip(jax.tree_util.tree_leaves_with_path(tree), values, strict=True):
             if value is None:
                 raise ValueError(
-                    f"{self.name}: no threshold for gradient leaf {path_str(path)}: the spec holds "
+                    f"{self.who.rstrip(':')}: no threshold for gradient leaf {path_str(path)}: the spec holds "
                     f"None there. Give a number (inf for no clipping)."
                 )
         return values

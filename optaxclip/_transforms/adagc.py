@@ -10,8 +10,14 @@ import optax
 
 from optaxclip._engine.clip import check_params, flatten_updates, global_scale, scale_per_leaf
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import combine_norms, shrink_factors
-from optaxclip._numerics.reductions import norms_per_leaf
+from optaxclip._numerics.arithmetic import (
+    ScaledNorm,
+    combine_norms,
+    combine_scaled_norms,
+    scaled_post_norm,
+    shrink_factors,
+)
+from optaxclip._numerics.reductions import scaled_norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.validation import (
@@ -131,11 +137,12 @@ def adagc(
       Large Language Model Pretraining", 2025 (https://arxiv.org/abs/2502.11034); reference
       code https://github.com/lishuai-97/AdaGC (``megatron/optimizer/clip_grads.py``).
     """
-    check_positive(relative_factor, "relative_factor")
-    check_open_unit(beta, "beta")
-    warmup = check_count(warmup_steps, "warmup_steps", minimum=0)
-    check_positive(warmup_max_norm, "warmup_max_norm", allow_inf=True)
-    check_number(eps, "eps", allow_inf=False)
+    call = "adagc"
+    check_positive(relative_factor, "relative_factor", call=call)
+    check_open_unit(beta, "beta", call=call)
+    warmup = check_count(warmup_steps, "warmup_steps", minimum=0, call=call)
+    check_positive(warmup_max_norm, "warmup_max_norm", allow_inf=True, call=call)
+    check_number(eps, "eps", allow_inf=False, call=call)
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "adagc")
@@ -158,23 +165,26 @@ def adagc(
                 f"for {state.norm_ema.shape[-1]}; call init with parameters shaped like the "
                 f"gradient."
             )
-        count = state.stats.count + 1
+        count = state.stats.steps + 1
         if not leaves:
             stats = nothing_clipped(label, count)
             return updates, state._replace(stats=stats)
 
         f32 = jnp.float32
-        norms = norms_per_leaf(leaves, 2.0, leaf_reduction_axes(updates, axis_name, layout))
-        total = combine_norms(norms, 2.0)
-        n = norms.astype(f32)
-        finite = jnp.all(jnp.isfinite(n))
+        scaled = scaled_norms_per_leaf(leaves, 2.0, leaf_reduction_axes(updates, axis_name, layout))
+        global_norm = combine_scaled_norms(scaled, 2.0)
+        total = global_norm.value
+        # The rule reads a norm past float32's range as its largest number; the scale factors
+        # come from the scaled form, so such a leaf is still clipped exactly.
+        n = scaled.saturated.astype(f32)
+        finite = jnp.all(scaled.finite)
         in_warmup = state.finite_count < warmup
         gamma = state.norm_ema
 
         # Warm-up: one global scale; gamma_i tracks the smallest nonzero clipped leaf norm.
         cap = jnp.asarray(warmup_max_norm, f32)
-        warm_coarse, warm_fine, warm_clipped = global_scale(total, cap)
-        after = (n * warm_coarse.astype(f32)) * warm_fine.astype(f32)
+        warm_coarse, warm_fine, warm_clipped = global_scale(global_norm, cap)
+        after = scaled_post_norm(scaled, warm_coarse, warm_fine).astype(f32)
         warm_gamma = jnp.where(
             after > 0, jnp.where(gamma > 0, jnp.minimum(gamma, after), after), gamma
         )
@@ -190,7 +200,12 @@ def adagc(
 
         def leaf_factors(operands: Any) -> tuple[jax.Array, jax.Array]:
             limits, n, over, warm_coarse, warm_fine, in_warmup = operands
-            leaf_coarse, leaf_fine = shrink_factors(limits, n + jnp.asarray(eps, f32), over)
+            past = jnp.isinf(scaled.value) & scaled.finite
+            with_eps = ScaledNorm(
+                jnp.where(past, scaled.divisor, 1).astype(f32),
+                jnp.where(past, scaled.root, n + jnp.asarray(eps, f32)).astype(f32),
+            )
+            leaf_coarse, leaf_fine = shrink_factors(limits, with_eps, over)
             coarse = jnp.where(in_warmup, warm_coarse, leaf_coarse)
             fine = jnp.where(in_warmup, warm_fine, leaf_fine)
             return coarse, fine
@@ -208,7 +223,10 @@ def adagc(
         )
         post = policy.report(
             finite,
-            combine_norms((norms * coarse.astype(norms.dtype)) * fine.astype(norms.dtype), 2.0),
+            combine_norms(
+                scaled_post_norm(scaled, coarse.astype(total.dtype), fine.astype(total.dtype)),
+                2.0,
+            ),
             if_zeroed=0,
             if_passed=total,
         )
@@ -218,7 +236,7 @@ def adagc(
         threshold = jnp.where(in_warmup, cap, jnp.min(set_limits))
         stats = make_stats(
             label,
-            count=count,
+            steps=count,
             pre_clip_norm=total,
             post_clip_norm=post,
             threshold=threshold,

@@ -20,7 +20,7 @@ from jax import lax
 from optaxclip import _lowering as lowering
 from optaxclip._engine.clip import check_params, flatten_updates, scale_under_policy
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import shrink_factors
+from optaxclip._numerics.arithmetic import ScaledNorm, scaled_post_norm, shrink_factors
 from optaxclip._numerics.reductions import norm_of_leaves, sum_across_devices
 from optaxclip._numerics.units import unit_blocks, unit_norms
 from optaxclip._spec.layout import (
@@ -33,9 +33,13 @@ from optaxclip._spec.layout import (
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
 from optaxclip._spec.units import (
+    AXIS_UNSET,
+    UNIT_AXES_UNSET,
     UnitAxes,
+    Unset,
     check_params_match,
     resolve_units,
+    unit_spec,
     validate_exclude,
     validate_unit_axes,
 )
@@ -163,8 +167,9 @@ def _split_axes(
 def adaptive_grad_clip(
     clipping: ThresholdLike = 0.01,
     eps: float = 1e-3,
+    axis: int | tuple[int, ...] | Unset | None = AXIS_UNSET,
     *,
-    unit_axes: UnitAxes = "flax",
+    unit_axes: UnitAxes = UNIT_AXES_UNSET,
     exclude: Any = None,
     nonfinite: str = "propagate",
     axis_name: AxisName = None,
@@ -191,8 +196,9 @@ def adaptive_grad_clip(
       ``optax.adaptive_grad_clip``, which infers axes from the rank, rank 3 reduces over
       (0, 1) rather than 0 (so a Conv1D kernel ``(W, I, O)`` and an attention output
       projection get per-output units), and a ``(1, n)`` kernel has ``n`` units rather than
-      one. For query/key/value projections ``(in, heads, head_dim)``, where each
-      ``(head, feature)`` pair is a unit, pass ``(0,)`` for those leaves.
+      one (``axis=None`` gives Optax's rule). For query/key/value projections
+      ``(in, heads, head_dim)``, where each ``(head, feature)`` pair is a unit, pass ``(0,)``
+      for those leaves.
     * ``"equinox"`` / ``"torch"``: rank >= 2 leaves reduce over every axis but the first:
       rows of an ``(out, in)`` linear weight, ``(out, in, k...)`` conv filters, or one unit
       per token of a ``(vocab, dim)`` embedding.
@@ -205,12 +211,20 @@ def adaptive_grad_clip(
         1024-4096; it depends on the optimizer (see the docs).
       eps: the floor on the weight norm, so zero-initialised weights may still move by
         ``clipping * eps`` per unit.
+      axis: Optax's argument, with Optax's meaning, here so that
+        ``optax.adaptive_grad_clip(clipping, eps, axis)`` calls carry over: the axis or axes
+        along which each unit's norm is computed (reduced) in every leaf, or None for Optax's
+        rule by shape (a leaf with at most one axis longer than 1 is one unit; rank 2 and 3
+        reduce over axis 0, rank 4 and 5 over every axis but the last; higher ranks raise at
+        ``init``). Left out, ``unit_axes`` decides. It names the same axes as ``unit_axes``,
+        so giving both raises unless they are the same axes.
       unit_axes: which axes form a unit, given as the axes to REDUCE over: a preset name
-        (above), an int or tuple of ints for every leaf, a pytree matching the parameters
-        (or a prefix of them) whose entries are presets or axis tuples, or a function
-        ``(path, leaf) -> preset or axes``.
+        (above; ``"flax"`` when neither this nor ``axis`` is given), an int or tuple of ints
+        for every leaf, a pytree matching the parameters (or a prefix of them, matched by key
+        path, so a dict describes an ``nnx.State``) whose entries are presets or axis tuples,
+        or a function ``(path, leaf) -> preset or axes``.
       exclude: the leaves AGC must not touch, as a pytree of bools matching the parameters
-        (or a prefix) or ``(path, leaf) -> bool``; NFNets excludes the final classifier.
+        (or a prefix, matched by key path) or ``(path, leaf) -> bool``; NFNets excludes the final classifier.
         Excluded leaves pass through bit for bit and are not part of the stats or of the
         non-finite check.
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, applied to the
@@ -230,7 +244,7 @@ def adaptive_grad_clip(
     Returns:
       An ``optax.GradientTransformation`` whose state is an ``AGCState``. Its stats report the
       global norm of the clipped leaves before and after (the latter from the unit scales),
-      the smallest unit limit as ``threshold``, the fraction of units clipped and ``count``,
+      the smallest unit limit as ``threshold``, the fraction of units clipped and ``steps``,
       the number of updates seen. A unit whose entries are all below about 1e-19 in
       magnitude squares to 0 in float32 and counts with norm 0 in the stats (it is under
       every positive limit, so its clip is unaffected; ``clipping=0`` still zeroes it).
@@ -238,10 +252,12 @@ def adaptive_grad_clip(
     Raises:
       ValueError: negative or NaN ``clipping``/``eps``, an unknown preset, an axis out of
         range, a ``unit_axes``/``exclude`` pytree that does not match the parameters (at
-        ``init``, naming the path), ``params=None`` in ``update``, parameters that do not
-        mirror the gradients, or a split leaf without a per-dimension layout (naming the
-        path).
-      TypeError: spec entries of the wrong type, non-float leaves.
+        ``init``, naming the path), ``axis`` and ``unit_axes`` both given with different
+        axes, ``axis=None`` with a leaf of rank 6 or more, ``params=None`` in ``update``,
+        parameters that do not mirror the gradients, or a split leaf without a per-dimension
+        layout (naming the path).
+      TypeError: spec entries of the wrong type, an ``axis`` that is not None, an int or a
+        tuple of ints, non-float leaves.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -256,12 +272,20 @@ def adaptive_grad_clip(
       >>> print(float(state.stats.clipped_fraction))
       0.5
 
+      Optax's positional ``axis`` names the axes to reduce over, here the same as the default:
+
+      >>> tx = optaxclip.adaptive_grad_clip(0.1, 1e-3, 0)
+      >>> print(tx.update(grads, tx.init(params), params)[0]["kernel"])
+      [[0.3 0. ]
+       [0.4 0.1]]
+
     References:
       Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image Recognition Without
       Normalization", ICML 2021 (https://arxiv.org/abs/2102.06171).
     """
-    threshold = Threshold(clipping, "clipping", per_leaf=True)
-    check_number(eps, "eps")
+    threshold = Threshold(clipping, "clipping", per_leaf=True, call="adaptive_grad_clip")
+    check_number(eps, "eps", call="adaptive_grad_clip")
+    unit_axes, units_name = unit_spec(axis, unit_axes)
     validate_unit_axes(unit_axes)
     validate_exclude(exclude)
     policy = NonfinitePolicy(nonfinite)
@@ -271,14 +295,14 @@ def adaptive_grad_clip(
     def init_fn(params: Any) -> AGCState:
         check_params(params)
         threshold.validate_for(params)
-        resolve_units(unit_axes, exclude, params)
+        resolve_units(unit_axes, exclude, params, name=units_name)
         return AGCState(stats=initial_stats(label))
 
     def update_fn(updates: Any, state: AGCState, params: Any = None) -> tuple[Any, AGCState]:
         paths, leaves, treedef = flatten_updates(updates)
         weights = check_params_match(updates, params, label)
-        axes, excluded = resolve_units(unit_axes, exclude, params)
-        count = state.stats.count
+        axes, excluded = resolve_units(unit_axes, exclude, params, name=units_name)
+        count = state.stats.steps
         limits = threshold.per_leaf_values(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
         dim_axes = leaf_dim_axes(updates, axis_name, layout)
@@ -306,7 +330,7 @@ def adaptive_grad_clip(
         # per leaf, they would add about a dozen kernels per leaf to the program.
         parts = _parts(
             [
-                ([g, w.astype(g.dtype)], block.across, block.members)
+                ([g.divisor, g.root, w.value.astype(g.root.dtype)], block.across, block.members)
                 for g, w, block in zip(grad_norms, weight_norms, blocks, strict=True)
             ]
         )
@@ -318,7 +342,7 @@ def adaptive_grad_clip(
         active_limits = [limits[i] for i in active]
         active_known = [known[i] for i in active]
         part_axes = [part.axes for part in parts]
-        unit_norms_of: list[jax.Array] = []
+        unit_norms_of: list[ScaledNorm] = []
         bad: list[jax.Array] = []
         n_clipped: list[jax.Array] = []
         n_units: list[jax.Array] = []
@@ -326,12 +350,13 @@ def adaptive_grad_clip(
         unit_limits: list[jax.Array] = []
 
         for part in parts:
-            g, w = part.columns
+            divisor, root, w = part.columns
+            g = divisor * root  # inf for a unit of finite entries past float32's range
             c = _part_limits(part, active_limits, active_known, shapes)
             limit = c * jnp.maximum(w, jnp.asarray(eps, g.dtype))
             unit_limits.append(limit)
-            unit_norms_of.append(g)
-            bad.append(jnp.sum(~jnp.isfinite(g)))
+            unit_norms_of.append(ScaledNorm(divisor, root))
+            bad.append(jnp.sum(~jnp.isfinite(root)))
             n_clipped.append(jnp.sum(g > limit))
             n_units.append(jnp.asarray(g.size))
             least = jnp.min(limit, initial=jnp.inf)
@@ -345,7 +370,7 @@ def adaptive_grad_clip(
             norms, limits_ = operands
             coarse_parts, fine_parts = [], []
             for g, limit in zip(norms, limits_, strict=True):
-                first, second = shrink_factors(limit, g, g > limit)
+                first, second = shrink_factors(limit, g, g.value > limit)
                 # clipping=0 zeroes every unit, also one whose norm rounds to 0 (entries below
                 # about 1e-19 square to 0 in float32 and are not rescued, see unit_norms).
                 coarse_parts.append(first)
@@ -369,14 +394,14 @@ def adaptive_grad_clip(
         )
         # Read only where the step is finite (post below), so the policy's 1s do not matter.
         clipped_norms_of = [
-            (g * first) * second
+            scaled_post_norm(g, first, second)
             for g, first, second in zip(unit_norms_of, coarse_parts, fine_parts, strict=True)
         ]
         out = list(leaves)
         for i, leaf in zip(active, clipped, strict=True):
             out[i] = leaf
 
-        pre = norm_of_leaves(unit_norms_of, 2.0, part_axes)
+        pre = norm_of_leaves([g.value for g in unit_norms_of], 2.0, part_axes)
         post_if_finite = norm_of_leaves(clipped_norms_of, 2.0, part_axes)
         post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
         fraction = sum_across_devices(n_clipped, part_axes) / sum_across_devices(n_units, part_axes)
@@ -384,7 +409,7 @@ def adaptive_grad_clip(
         smallest = jnp.min(lowering.stack_against_chain_rewrite(least_limits))
         stats = make_stats(
             label,
-            count=count + 1,
+            steps=count + 1,
             pre_clip_norm=pre,
             post_clip_norm=post,
             threshold=smallest,

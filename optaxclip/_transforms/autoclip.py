@@ -10,14 +10,13 @@ import optax
 
 from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
+    check_closed_interval,
     check_count,
     check_name,
-    check_number,
-    is_concrete_number,
     normalize_ord,
 )
 
@@ -30,7 +29,7 @@ class AutoClipState(NamedTuple):
         entries past ``filled`` are unused).
       next_slot: int32 index the next finite norm is written to.
       filled: int32 number of valid entries, ``min(finite norms recorded, history_size)``.
-      stats: what the last update did; ``stats.count`` counts every update, the non-finite
+      stats: what the last update did; ``stats.steps`` counts every update, the non-finite
         ones included.
     """
 
@@ -132,11 +131,10 @@ def autoclip(
       Seetharaman, Wichern, Pardo & Le Roux, "AutoClip: Adaptive Gradient Clipping for
       Source Separation Networks", IEEE MLSP 2020 (https://arxiv.org/abs/2007.14469).
     """
-    check_number(percentile, "percentile")
-    if is_concrete_number(percentile) and float(percentile) > 100:
-        raise ValueError(f"percentile must be in [0, 100], got {percentile}.")
-    size = check_count(history_size, "history_size", minimum=1)
-    p = normalize_ord(ord)
+    call = "autoclip"
+    check_closed_interval(percentile, "percentile", 0.0, 100.0, call=call)
+    size = check_count(history_size, "history_size", minimum=1, call=call)
+    p = normalize_ord(ord, call=call)
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "autoclip")
@@ -155,15 +153,15 @@ def autoclip(
     ) -> tuple[Any, AutoClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        norm = norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
-        recorded = norm.astype(jnp.float32)
+        scaled = scaled_norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        recorded = scaled.saturated.astype(jnp.float32)
         keep = jnp.isfinite(recorded)
         history = jnp.where(keep, state.history.at[state.next_slot].set(recorded), state.history)
         next_slot = jnp.where(keep, (state.next_slot + 1) % size, state.next_slot)
         filled = jnp.where(keep, jnp.minimum(state.filled + 1, size), state.filled)
         limit = history_percentile(history, filled, percentile)
         out, stats = clip_to_global_norm(
-            paths, leaves, norm, limit, policy, label, state.stats.count + 1
+            paths, leaves, scaled, limit, policy, label, state.stats.steps + 1
         )
         new_state = AutoClipState(
             history=history,

@@ -9,7 +9,7 @@ import optax
 
 from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipState, initial_stats
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
@@ -28,7 +28,8 @@ def clip_by_global_norm(
     """Rescales the whole gradient when its global norm exceeds ``max_norm``.
 
     If ``norm > max_norm``, every leaf is multiplied by ``max_norm / norm``; otherwise the
-    leaves are returned bit for bit unchanged. The norm is exact in fp16/bf16 (float32
+    leaves are returned bit for bit unchanged (subnormal entries aside, which XLA:CPU flushes
+    to 0 in any multiplication, by 1 included). The norm is exact in fp16/bf16 (float32
     accumulation, no overflow), ``max_norm=0`` gives zeros (never NaN), derivatives through
     the update are finite everywhere, and each output leaf keeps its dtype. Same name and
     call shape as ``optax.clip_by_global_norm`` (and ``torch.nn.utils.clip_grad_norm_``).
@@ -70,8 +71,8 @@ def clip_by_global_norm(
       Pascanu, Mikolov & Bengio, "On the difficulty of training recurrent neural networks",
       ICML 2013 (https://arxiv.org/abs/1211.5063).
     """
-    threshold = Threshold(max_norm, "max_norm", per_leaf=False)
-    p = normalize_ord(ord)
+    threshold = Threshold(max_norm, "max_norm", per_leaf=False, call="clip_by_global_norm")
+    p = normalize_ord(ord, call="clip_by_global_norm")
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "clip_by_global_norm")
@@ -84,9 +85,9 @@ def clip_by_global_norm(
     def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        count = state.stats.count
-        limit = threshold.scalar(count)
-        norm = norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        count = state.stats.steps
+        norm = scaled_norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        limit = threshold.scalar(count, norm.root.dtype)
         out, stats = clip_to_global_norm(paths, leaves, norm, limit, policy, label, count + 1)
         return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
 

@@ -16,8 +16,13 @@ from optaxclip._engine.clip import (
     scale_per_leaf,
 )
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import combine_norms, shrink_factors
-from optaxclip._numerics.reductions import group_by_axes, norms_per_leaf
+from optaxclip._numerics.arithmetic import (
+    combine_norms,
+    combine_scaled_norms,
+    scaled_post_norm,
+    shrink_factors,
+)
+from optaxclip._numerics.reductions import group_by_axes, scaled_norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipState, initial_stats, make_stats, nothing_clipped
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
@@ -45,12 +50,13 @@ def _per_leaf_norm_clipper(
     def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        count = state.stats.count
+        count = state.stats.steps
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
-        norms = norms_per_leaf(leaves, p, leaf_axes)
+        scaled = scaled_norms_per_leaf(leaves, p, leaf_axes)
+        norms = scaled.value
         if not leaves:
             return updates, ClipState(stats=nothing_clipped(label, count + 1))
-        limit_vector = threshold.per_leaf_vector(updates, count).astype(norms.dtype)
+        limit_vector = threshold.per_leaf_vector(updates, count, norms.dtype)
         if rms:
             sizes = jnp.asarray(np.array([max(x.size, 1) for x in leaves], np.float64), norms.dtype)
             for axes, idx in group_by_axes(leaf_axes).items():
@@ -62,8 +68,8 @@ def _per_leaf_norm_clipper(
         else:
             norm_limits = limit_vector
         over = norms > norm_limits
-        finite = jnp.all(jnp.isfinite(norms))
-        pre = combine_norms(norms, p)
+        finite = jnp.all(scaled.finite)
+        pre = combine_scaled_norms(scaled, p).value
 
         def leaf_factors(operands: Any) -> tuple[jax.Array, jax.Array]:
             norms, norm_limits, over = operands
@@ -73,19 +79,21 @@ def _per_leaf_norm_clipper(
             return coarse, jnp.where(norm_limits == 0, 0, fine)
 
         out, (coarse, fine) = scale_per_leaf(
-            policy, label, paths, leaves, finite, leaf_factors, (norms, norm_limits, over), pre
+            policy, label, paths, leaves, finite, leaf_factors, (scaled, norm_limits, over), pre
         )
-        post_if_finite = combine_norms((norms * coarse) * fine, p)
+        post_if_finite = combine_norms(scaled_post_norm(scaled, coarse, fine), p)
         post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
         clipped = policy.report(
             finite, jnp.mean(over.astype(jnp.float32)), if_zeroed=1.0, if_passed=0.0
         )
         stats = make_stats(
             label,
-            count=count + 1,
+            steps=count + 1,
             pre_clip_norm=pre,
             post_clip_norm=post,
-            threshold=jnp.min(limit_vector),
+            # The bound on the norms, as the two norms beside it: for the RMS clip, each
+            # leaf's RMS bound times the square root of its size.
+            threshold=jnp.min(norm_limits),
             clipped_fraction=clipped,
         )
         return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
@@ -105,7 +113,8 @@ def clip_by_leaf_norm(
     """Bounds each leaf by its own norm: ``g_i * min(1, max_norm_i / ||g_i||)``.
 
     This is Keras ``clipnorm`` and ``tf.clip_by_norm`` applied to every leaf. Leaves under
-    their threshold are returned bit for bit.
+    their threshold are returned bit for bit (subnormal entries aside, as for
+    :func:`clip_by_global_norm`).
 
     Args:
       max_norm: a number, a schedule ``step -> value``, a pytree of numbers matching the
@@ -137,10 +146,10 @@ def clip_by_leaf_norm(
     References:
       Keras ``Optimizer(clipnorm=...)``; ``tf.clip_by_norm``.
     """
-    threshold = Threshold(max_norm, "max_norm", per_leaf=True)
+    threshold = Threshold(max_norm, "max_norm", per_leaf=True, call="clip_by_leaf_norm")
     return _per_leaf_norm_clipper(
         threshold,
-        normalize_ord(ord),
+        normalize_ord(ord, call="clip_by_leaf_norm"),
         NonfinitePolicy(nonfinite),
         axis_name,
         layout,
@@ -173,22 +182,28 @@ def clip_by_block_rms(
       name: label for :func:`clip_stats` (default ``"clip_by_block_rms"``).
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation``. Its ``ClipStats`` report L2 norms throughout:
+      ``pre_clip_norm`` and ``post_clip_norm`` are the L2 norms of the whole gradient, and
+      ``threshold`` is the smallest per-leaf bound on a leaf's L2 norm, ``threshold_i *
+      sqrt(size_i)`` (an RMS bound of 1 on a leaf of 4 entries reads 2). ``clipped_fraction``
+      is the fraction of leaves clipped.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> import optaxclip
       >>> grads = {"w": jnp.full((4,), 2.0)}
       >>> clipper = optaxclip.clip_by_block_rms(1.0)
-      >>> clipped, _ = clipper.update(grads, clipper.init(grads))
+      >>> clipped, state = clipper.update(grads, clipper.init(grads))
       >>> print(clipped["w"])
       [1. 1. 1. 1.]
+      >>> print(float(state.stats.pre_clip_norm), float(state.stats.threshold))
+      4.0 2.0
 
     References:
       Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
       ICML 2018 (https://arxiv.org/abs/1804.04235).
     """
-    spec = Threshold(threshold, "threshold", per_leaf=True)
+    spec = Threshold(threshold, "threshold", per_leaf=True, call="clip_by_block_rms")
     return _per_leaf_norm_clipper(
         spec,
         2.0,

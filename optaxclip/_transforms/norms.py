@@ -12,6 +12,30 @@ from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes
 from optaxclip._spec.validation import check_float_leaves, normalize_ord
 
 
+class _Required:
+    """The default of an argument that may come under either of two names, but must come."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+_REQUIRED: Any = _Required()
+
+
+def _tree_or_updates(tree: Any, updates: Any) -> Any:
+    """The pytree given to :func:`global_norm` by position, as ``tree=`` or as ``updates=``."""
+    if tree is not _REQUIRED and updates is not _REQUIRED:
+        raise TypeError(
+            "global_norm(tree=..., updates=...): give the pytree once, by position, as tree= "
+            "or as updates=, not both."
+        )
+    if tree is _REQUIRED and updates is _REQUIRED:
+        raise TypeError(
+            "global_norm(): missing the pytree; give it by position, as tree= or as updates=."
+        )
+    return updates if tree is _REQUIRED else tree
+
+
 def _flatten_checked(tree: Any, name: str) -> tuple[list[Any], list[jax.Array], Any]:
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     leaves = [jnp.asarray(x) if not hasattr(x, "dtype") else x for _, x in paths_leaves]
@@ -20,9 +44,10 @@ def _flatten_checked(tree: Any, name: str) -> tuple[list[Any], list[jax.Array], 
 
 
 def global_norm(
-    tree: Any,
+    tree: Any = _REQUIRED,
     ord: float | int | str | None = 2,
     *,
+    updates: Any = _REQUIRED,
     axis_name: AxisName = None,
     layout: Layout = None,
 ) -> jax.Array:
@@ -38,6 +63,9 @@ def global_norm(
     Args:
       tree: a pytree of floating-point or complex arrays.
       ord: the order p of the norm: 1, 2, ``math.inf`` (the max norm) or any real p >= 1.
+      updates: the same pytree under the name ``optax.global_norm`` gives it, so that
+        ``global_norm(updates=grads)`` works as it does there; give ``tree`` or ``updates``,
+        not both.
       axis_name: inside ``shard_map`` or ``pmap``, the mapped axis name (or tuple of names)
         across which the leaves are split; the partial sums are added across those devices,
         so every device gets the norm of the whole, unsharded tree.
@@ -50,7 +78,8 @@ def global_norm(
       A float32 scalar (float64 if any leaf is float64).
 
     Raises:
-      TypeError: if a leaf is not a floating-point or complex array (names its path).
+      TypeError: if a leaf is not a floating-point or complex array (names its path), or the
+        pytree is given both as ``tree`` and as ``updates``, or not at all.
       ValueError: if ``ord`` is below 1 or NaN.
 
     Examples:
@@ -61,8 +90,11 @@ def global_norm(
       316.23
       >>> print(float(optaxclip.global_norm({"a": jnp.array([3.0, -4.0])}, ord=1)))
       7.0
+      >>> print(float(optaxclip.global_norm(updates={"a": jnp.array([3.0, -4.0])})))
+      5.0
     """
-    p = normalize_ord(ord)
+    tree = _tree_or_updates(tree, updates)
+    p = normalize_ord(ord, call="global_norm")
     _, leaves, _ = _flatten_checked(tree, "tree")
     return norm_of_leaves(leaves, p, leaf_reduction_axes(tree, axis_name, layout))
 
@@ -96,7 +128,7 @@ def leaf_norms(
       >>> print({k: float(v) for k, v in norms.items()})
       {'a': 5.0, 'b': 2.0}
     """
-    p = normalize_ord(ord)
+    p = normalize_ord(ord, call="leaf_norms")
     _, leaves, treedef = _flatten_checked(tree, "tree")
     vector = norms_per_leaf(leaves, p, leaf_reduction_axes(tree, axis_name, layout))
     return jax.tree_util.tree_unflatten(treedef, [vector[i] for i in range(len(leaves))])

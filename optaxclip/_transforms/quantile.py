@@ -10,13 +10,14 @@ import optax
 
 from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
+    check_closed_interval,
     check_name,
     check_number,
-    is_concrete_number,
+    check_positive,
     normalize_ord,
 )
 
@@ -31,7 +32,7 @@ class QuantileClipState(NamedTuple):
 
     Attributes:
       threshold: float32, the clipping threshold C the next update will use.
-      stats: what the last update did; ``stats.count`` counts every update, the non-finite
+      stats: what the last update did; ``stats.steps`` counts every update, the non-finite
         ones included, and ``stats.threshold`` is the C that update used.
     """
 
@@ -97,14 +98,11 @@ def quantile_clip(
       Andrew, Thakkar, McMahan & Ramaswamy, "Differentially Private Learning with Adaptive
       Clipping", NeurIPS 2021 (https://arxiv.org/abs/1905.03871).
     """
-    check_number(target_quantile, "target_quantile")
-    if is_concrete_number(target_quantile) and float(target_quantile) > 1:
-        raise ValueError(f"target_quantile must be in [0, 1], got {target_quantile}.")
-    check_number(learning_rate, "learning_rate", allow_inf=False)
-    check_number(initial_threshold, "initial_threshold", allow_inf=False)
-    if is_concrete_number(initial_threshold) and float(initial_threshold) <= 0:
-        raise ValueError(f"initial_threshold must be > 0, got {initial_threshold}.")
-    p = normalize_ord(ord)
+    call = "quantile_clip"
+    check_closed_interval(target_quantile, "target_quantile", 0.0, 1.0, call=call)
+    check_number(learning_rate, "learning_rate", allow_inf=False, call=call)
+    check_positive(initial_threshold, "initial_threshold", call=call)
+    p = normalize_ord(ord, call=call)
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "quantile_clip")
@@ -119,10 +117,11 @@ def quantile_clip(
     ) -> tuple[Any, QuantileClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        norm = norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        scaled = scaled_norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
+        norm = scaled.saturated
         limit = state.threshold
         out, stats = clip_to_global_norm(
-            paths, leaves, norm, limit, policy, label, state.stats.count + 1
+            paths, leaves, scaled, limit, policy, label, state.stats.steps + 1
         )
         unclipped = (norm <= limit.astype(norm.dtype)).astype(jnp.float32)
         step = jnp.asarray(learning_rate, jnp.float32) * (

@@ -176,11 +176,18 @@ def clip_by_value(
       0.6667
     """
     symmetric = min_delta is None
+    call = "clip_by_value"
     upper = Threshold(
-        max_delta, "max_delta", per_leaf=True, minimum=0.0 if symmetric else -math.inf
+        max_delta,
+        "max_delta",
+        per_leaf=True,
+        minimum=0.0 if symmetric else -math.inf,
+        call=call,
     )
     lower = (
-        None if symmetric else Threshold(min_delta, "min_delta", per_leaf=True, minimum=-math.inf)
+        None
+        if symmetric
+        else Threshold(min_delta, "min_delta", per_leaf=True, minimum=-math.inf, call=call)
     )
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
@@ -225,7 +232,7 @@ def clip_by_value(
         del params
         paths, leaves, treedef = flatten_updates(updates)
         _check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
-        count = state.stats.count
+        count = state.stats.steps
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
         known_highs = upper.known_per_leaf(updates)
@@ -283,11 +290,13 @@ def clip_by_value(
         post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
         fraction = policy.report(finite, fraction, if_zeroed=1.0, if_passed=0.0)
         limit = (
-            jnp.min(lowering.stack_against_chain_rewrite(highs)) if highs else jnp.asarray(jnp.inf)
+            jnp.min(lowering.stack_against_chain_rewrite([h.astype(jnp.float32) for h in highs]))
+            if highs
+            else jnp.asarray(jnp.inf)
         )
         stats = make_stats(
             label,
-            count=count + 1,
+            steps=count + 1,
             pre_clip_norm=pre,
             post_clip_norm=post,
             threshold=limit,

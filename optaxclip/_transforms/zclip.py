@@ -12,8 +12,8 @@ import optax
 
 from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import safe_divide
-from optaxclip._numerics.reductions import norm_of_leaves
+from optaxclip._numerics.arithmetic import power_of_two_divisor, safe_divide, safe_root
+from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats
 from optaxclip._spec.validation import (
@@ -26,6 +26,7 @@ from optaxclip._spec.validation import (
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
+_LARGEST = float(jnp.finfo(jnp.float32).max)
 
 
 class ZClipState(NamedTuple):
@@ -33,7 +34,8 @@ class ZClipState(NamedTuple):
 
     Attributes:
       mean: the EMA of the gradient norm (meaningful once the warm-up is over).
-      var: the EMA of its variance.
+      std: the square root of the EMA of its variance (stored as a standard deviation,
+        which stays finite for every finite norm where the variance would overflow).
       warmup_norms: the finite norms seen during the warm-up (``warmup_steps`` slots).
       warmup_count: how many of them have been collected; the warm-up is over when it
         reaches ``warmup_steps``. Non-finite steps are not counted.
@@ -41,7 +43,7 @@ class ZClipState(NamedTuple):
     """
 
     mean: jax.Array
-    var: jax.Array
+    std: jax.Array
     warmup_norms: jax.Array
     warmup_count: jax.Array
     stats: ClipStats
@@ -82,7 +84,10 @@ def zclip(
     The statistics are then updated with ``x = T`` on a spike and ``x = g`` otherwise:
     ``mu <- alpha * mu + (1 - alpha) * x`` and ``v <- alpha * v + (1 - alpha) * (x - mu)**2``
     with the *updated* ``mu``, as in the reference code. With ``skip_update_on_spike`` the
-    statistics are left as they are on spikes.
+    statistics are left as they are on spikes. The state holds ``sigma`` rather than ``v``,
+    updated as ``sqrt(alpha * sigma**2 + (1 - alpha) * (x - mu)**2)`` on terms divided by a
+    power of two, so that the statistics stay finite for every finite norm (``v`` itself
+    overflows float32 once ``sigma`` passes the square root of the largest float).
 
     For the first ``warmup_steps`` (finite) steps the raw norms are stored; when the
     buffer is full, ``mu`` and ``v`` start as their mean and population variance. No
@@ -155,31 +160,35 @@ def zclip(
       Pre-Training", 2025 (https://arxiv.org/abs/2504.02507); reference code
       https://github.com/bluorion-com/ZClip.
     """
-    check_open_unit(alpha, "alpha")
-    check_positive(z_thresh, "z_thresh")
-    warmup = check_count(warmup_steps, "warmup_steps", minimum=1)
+    call = "zclip"
+    check_open_unit(alpha, "alpha", call=call)
+    check_positive(z_thresh, "z_thresh", call=call)
+    warmup = check_count(warmup_steps, "warmup_steps", minimum=1, call=call)
     if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}.")
+        raise ValueError(f"zclip(mode=...): must be one of {_MODES}, got {mode!r}.")
     if clip_option not in _CLIP_OPTIONS:
-        raise ValueError(f"clip_option must be one of {_CLIP_OPTIONS}, got {clip_option!r}.")
-    check_positive(clip_factor, "clip_factor")
+        raise ValueError(
+            f"zclip(clip_option=...): must be one of {_CLIP_OPTIONS}, got {clip_option!r}."
+        )
+    check_positive(clip_factor, "clip_factor", call=call)
     if max_grad_norm is not None:
-        check_positive(max_grad_norm, "max_grad_norm", allow_inf=True)
+        check_positive(max_grad_norm, "max_grad_norm", allow_inf=True, call=call)
     if not isinstance(skip_update_on_spike, (bool, np.bool_)):
         raise TypeError(
-            f"skip_update_on_spike must be a bool, got {type(skip_update_on_spike).__name__}."
+            f"zclip(skip_update_on_spike=...): must be a bool, got "
+            f"{type(skip_update_on_spike).__name__}."
         )
-    check_number(eps, "eps", allow_inf=False)
+    check_number(eps, "eps", allow_inf=False, call=call)
     policy = NonfinitePolicy(nonfinite)
     normalize_axis_names(axis_name)
     label = check_name(name, "zclip")
 
     def init_fn(params: Any) -> ZClipState:
         check_params(params)
-        zero = jnp.zeros((), jnp.float32)
+        # Every field gets its own buffer, so that the state can be donated to a jitted update.
         return ZClipState(
-            mean=zero,
-            var=zero,
+            mean=jnp.zeros((), jnp.float32),
+            std=jnp.zeros((), jnp.float32),
             warmup_norms=jnp.zeros((warmup,), jnp.float32),
             warmup_count=jnp.zeros((), jnp.int32),
             stats=initial_stats(label),
@@ -188,15 +197,15 @@ def zclip(
     def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        norm = norm_of_leaves(leaves, 2.0, leaf_reduction_axes(updates, axis_name, layout))
+        scaled = scaled_norm_of_leaves(leaves, 2.0, leaf_reduction_axes(updates, axis_name, layout))
+        norm = scaled.saturated
         f32 = jnp.float32
         g = norm.astype(f32)
         finite = jnp.isfinite(g)
         in_warmup = state.warmup_count < warmup
         cap = jnp.asarray(math.inf if max_grad_norm is None else max_grad_norm, f32)
 
-        mean, var = state.mean, state.var
-        std = jnp.sqrt(jnp.maximum(var, 0))
+        mean, std = state.mean, state.std
         z_th = jnp.asarray(z_thresh, f32)
         if mode == "zscore":
             denominator = std + jnp.asarray(eps, f32)
@@ -209,7 +218,9 @@ def zclip(
             spike = z > z_th
             boundary = mean + z_th * denominator
             if clip_option == "adaptive_scaling":
-                target = (mean + z_th * z_th * std / jnp.where(spike, z, 1)) * jnp.asarray(
+                # Grouped as the reference writes it: on a spike z_th * std < g - mean and
+                # z / z_th > 1, so no intermediate exceeds the norm (z_th**2 * std could).
+                target = (mean + z_th * std / (jnp.where(spike, z, 1) / z_th)) * jnp.asarray(
                     clip_factor, f32
                 )
             else:
@@ -222,16 +233,25 @@ def zclip(
 
         limit = jnp.where(spike, jnp.minimum(target, cap), cap)
         out, stats = clip_to_global_norm(
-            paths, leaves, norm, limit, policy, label, state.stats.count + 1
+            paths, leaves, scaled, limit, policy, label, state.stats.steps + 1
         )
         reported = jnp.where(in_warmup, cap, jnp.minimum(boundary, cap))
         stats = stats._replace(threshold=reported.astype(f32))
 
         # Running statistics: untouched by non-finite steps and (optionally) by spikes.
         a = jnp.asarray(alpha, f32)
-        x = jnp.where(spike, target, g)
+        # A clip_factor above 1 can carry the target past the largest float near the top of
+        # the range; an infinite mean would switch the clipping off for good.
+        x = jnp.where(spike, jnp.minimum(target, _LARGEST), g)
         ema_mean = a * mean + (1 - a) * x
-        ema_var = a * var + (1 - a) * jnp.square(x - ema_mean)
+        # sqrt(a * std**2 + (1 - a) * deviation**2), on terms divided by a power of two near
+        # the larger one: the squares of norms beyond the square root of the largest float
+        # would overflow, and an infinite std would switch the clipping off for good.
+        deviation = x - ema_mean
+        spread = power_of_two_divisor(jnp.maximum(std, jnp.abs(deviation)))
+        ema_std = spread * safe_root(
+            a * jnp.square(std / spread) + (1 - a) * jnp.square(deviation / spread), 2.0
+        )
         update_ema = finite & ~in_warmup
         if skip_update_on_spike:
             update_ema = update_ema & ~spike
@@ -241,14 +261,19 @@ def zclip(
         norms = state.warmup_norms.at[slot].set(jnp.where(collect, g, state.warmup_norms[slot]))
         count = state.warmup_count + collect.astype(jnp.int32)
         start = collect & (count == warmup)
-        first_mean = jnp.mean(norms)
-        first_var = jnp.mean(jnp.square(norms - first_mean))
+        # The mean and the population standard deviation of the warm-up norms, each summed
+        # on values divided by a power of two so that neither the sum nor the squares overflow.
+        scale = power_of_two_divisor(jnp.max(norms))
+        first_mean = scale * jnp.mean(norms / scale)
+        deviations = norms - first_mean
+        first_spread = power_of_two_divisor(jnp.max(jnp.abs(deviations)))
+        first_std = first_spread * safe_root(jnp.mean(jnp.square(deviations / first_spread)), 2.0)
 
         new_mean = jnp.where(start, first_mean, jnp.where(update_ema, ema_mean, mean))
-        new_var = jnp.where(start, first_var, jnp.where(update_ema, ema_var, var))
+        new_std = jnp.where(start, first_std, jnp.where(update_ema, ema_std, std))
         new_state = ZClipState(
             mean=new_mean.astype(f32),
-            var=new_var.astype(f32),
+            std=new_std.astype(f32),
             warmup_norms=norms,
             warmup_count=count,
             stats=stats,
