@@ -265,6 +265,17 @@ def all_methods() -> list[Method]:
         False,
         lambda spec: optax.clip(spec.grad_std),
     )
+    factory, missing = _ours("adaclip", lambda fn, spec: fn())
+    add(
+        "optaxclip:adaclip",
+        "value",
+        "optaxclip",
+        "optaxclip.adaclip()",
+        0,
+        False,
+        factory,
+        missing,
+    )
     add(
         "optaxclip:block_rms",
         "block_rms",

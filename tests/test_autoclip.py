@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import optaxclip
-from optaxclip._transforms.autoclip import history_percentile
+from optaxclip._transforms.rules import history_percentile
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 jitted_percentile = jax.jit(history_percentile)

@@ -366,11 +366,15 @@ _PUBLIC_TRANSFORMS = {
     "quantile_clip": lambda: optaxclip.quantile_clip(0.75),
     "zclip": lambda: optaxclip.zclip(warmup_steps=3),
     "adagc": lambda: optaxclip.adagc(warmup_steps=1),
+    "adaclip": lambda: optaxclip.adaclip(),
+    "clip_by_rule": lambda: optaxclip.clip_by_rule(optaxclip.rules.percentile(50.0, 4)),
     "skip_nonfinite": lambda: optaxclip.skip_nonfinite(optax.sgd(0.05)),
     "skip_spikes": lambda: optaxclip.skip_spikes(optax.sgd(0.05), window=4, min_history=2),
 }
 # Public names that are not gradient transformations.
 _NOT_TRANSFORMS = {
+    "ClipRule",
+    "rules",
     "ClipStats",
     "clip_stats",
     "global_norm",

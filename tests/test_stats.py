@@ -349,6 +349,10 @@ _EVERY_CLIPPER = {
     "quantile_clip": lambda nf: optaxclip.quantile_clip(0.4, initial_threshold=2.0, nonfinite=nf),
     "zclip": lambda nf: optaxclip.zclip(warmup_steps=2, max_grad_norm=3.0, nonfinite=nf),
     "adagc": lambda nf: optaxclip.adagc(warmup_steps=1, warmup_max_norm=2.0, nonfinite=nf),
+    "adaclip": lambda nf: optaxclip.adaclip(nonfinite=nf),
+    "clip_by_rule": lambda nf: optaxclip.clip_by_rule(
+        optaxclip.rules.constant(0.5), scope="per_leaf", nonfinite=nf
+    ),
 }
 _PARAMS = {"kernel": jnp.full((2, 3), 0.8), "bias": jnp.full((3,), 0.25)}
 # Two finite steps, the second larger so that every clipper clips it, then a NaN step.
@@ -361,6 +365,8 @@ _NAN_STEP = {"kernel": jnp.full((2, 3), 0.75), "bias": jnp.array([0.5, jnp.nan, 
 
 def test_the_stats_cases_cover_every_clipper():
     not_clippers = {
+        "ClipRule",
+        "rules",
         "ClipStats",
         "clip_stats",
         "global_norm",

@@ -243,6 +243,8 @@ _BOUNDED = [
     ("adagc", "warmup_steps", -2, {}),
     ("adagc", "warmup_max_norm", -0.25, {}),
     ("adagc", "eps", -0.25, {}),
+    ("adaclip", "theta", 1.25, {}),
+    ("clip_by_rule", "ord", 0.5, {"rule": optaxclip.rules.constant(1.0)}),
     ("skip_nonfinite", "max_consecutive_errors", 0, {}),
     ("skip_spikes", "window", 1, {"min_history": 2}),
     ("skip_spikes", "k", -0.25, {}),
@@ -305,6 +307,8 @@ def test_each_stated_bound_is_the_bound_enforced(call, arg, bad, kwargs):
 def test_the_bound_cases_cover_every_public_transform():
     covered = {call for call, _, _, _ in _BOUNDED}
     not_transforms = {
+        "ClipRule",
+        "rules",
         "ClipStats",
         "clip_stats",
         "global_norm",

@@ -14,7 +14,13 @@ import jax.numpy as jnp
 
 from optaxclip import _lowering as lowering
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import ScaledNorm, scaled_post_norm, shrink_factors
+from optaxclip._numerics.arithmetic import (
+    ScaledNorm,
+    combine_norms,
+    combine_scaled_norms,
+    scaled_post_norm,
+    shrink_factors,
+)
 from optaxclip._spec.stats import ClipStats, make_stats
 from optaxclip._spec.validation import check_float_leaves
 
@@ -152,3 +158,49 @@ def scale_per_leaf(
     return scale_under_policy(
         policy, label, paths, leaves, finite, factors, operands, anchor, per_leaf
     )
+
+
+def clip_to_leaf_norms(
+    paths: Sequence[Any],
+    leaves: Sequence[jax.Array],
+    norms: ScaledNorm,
+    limits: jax.Array,
+    policy: NonfinitePolicy,
+    label: str,
+    steps: jax.Array,
+    p: float,
+) -> tuple[list[jax.Array], ClipStats]:
+    """Scales each leaf down to its entry of ``limits`` if its norm (``norms``) is above it.
+
+    The per-leaf counterpart of ``clip_to_global_norm``, for every clipper with one threshold
+    per leaf. A limit of 0 zeroes its leaf, also one whose norm rounds to 0. The stats give the
+    global norms before and after, the smallest limit and the fraction of leaves clipped; a
+    NaN or Inf in any leaf makes the whole step non-finite.
+    """
+    values = norms.value
+    over = values > limits
+    finite = jnp.all(norms.finite)
+    pre = combine_scaled_norms(norms, p).value
+
+    def leaf_factors(operands: Any) -> tuple[jax.Array, jax.Array]:
+        norms, limits, over = operands
+        coarse, fine = shrink_factors(limits, norms, over)
+        return coarse, jnp.where(limits == 0, 0, fine)
+
+    out, (coarse, fine) = scale_per_leaf(
+        policy, label, paths, leaves, finite, leaf_factors, (norms, limits, over), pre
+    )
+    post_if_finite = combine_norms(scaled_post_norm(norms, coarse, fine), p)
+    post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
+    clipped = policy.report(
+        finite, jnp.mean(over.astype(jnp.float32)), if_zeroed=1.0, if_passed=0.0
+    )
+    stats = make_stats(
+        label,
+        steps=steps,
+        pre_clip_norm=pre,
+        post_clip_norm=post,
+        threshold=jnp.min(limits),
+        clipped_fraction=clipped,
+    )
+    return out, stats

@@ -10,7 +10,7 @@ import optax
 
 from optaxclip._engine.clip import flatten_updates
 from optaxclip._guards.common import check_inner, guarded_update, increment
-from optaxclip._numerics.arithmetic import power_of_two_divisor
+from optaxclip._numerics.arithmetic import window_mean_std
 from optaxclip._numerics.reductions import scaled_norm_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.validation import check_count, check_positive, normalize_ord
@@ -58,20 +58,9 @@ class SkipSpikesState(NamedTuple):
 
 def _window_threshold(values: jax.Array, count: jax.Array, k: float, min_history: int) -> jax.Array:
     """``mean + k * std`` (Bessel-corrected, floored) of a ring buffer; inf if too short."""
-    size = values.shape[0]
-    filled = jnp.minimum(count, size)
-    mask = jnp.arange(size) < filled
-    n = jnp.maximum(filled, 1).astype(jnp.float32)
-    # The sums run over the values divided by a power of two near the largest magnitude:
-    # sums of values or squares of deviations beyond the square root of the largest float
-    # would overflow to an infinite threshold, under which no spike is ever skipped.
-    scale = power_of_two_divisor(jnp.max(jnp.where(mask, jnp.abs(values), 0)))
-    scaled = jnp.where(mask, values / scale, 0)
-    scaled_mean = jnp.sum(scaled) / n
-    squares = jnp.where(mask, jnp.square(scaled - scaled_mean), 0)
-    scaled_var = jnp.sum(squares) / jnp.maximum(n - 1, 1)
-    mean = scale * scaled_mean
-    std = jnp.maximum(scale * jnp.sqrt(scaled_var), jnp.maximum(_STD_FLOOR * jnp.abs(mean), _TINY))
+    filled = jnp.minimum(count, values.shape[0])
+    mean, std = window_mean_std(values, filled, ddof=1)
+    std = jnp.maximum(std, jnp.maximum(_STD_FLOOR * jnp.abs(mean), _TINY))
     return jnp.where(filled >= min_history, mean + jnp.float32(k) * std, jnp.inf)
 
 

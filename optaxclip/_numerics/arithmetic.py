@@ -87,6 +87,30 @@ def power_of_two_divisor(largest: jax.Array) -> jax.Array:
     return jnp.ldexp(jnp.ones_like(largest), jnp.clip(exponent, -126, 126))
 
 
+def window_mean_std(
+    values: jax.Array, filled: jax.Array, *, ddof: int
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and standard deviation along axis 0 of the first ``filled`` entries of a buffer.
+
+    The statistics of a ring buffer of past values, such as the norms of the last steps: the
+    entries past ``filled`` are unused and masked out. ``ddof`` is subtracted from the count
+    in the variance's divisor (0 for the population statistic, 1 for Bessel's correction),
+    which never goes below 1. The sums run over the values divided by a power of two near the
+    largest magnitude: sums of values or squares of deviations beyond the square root of the
+    largest float would overflow, and an infinite statistic would switch off any threshold
+    built on it. With ``filled`` 0 both are 0.
+    """
+    size = values.shape[0]
+    mask = (jnp.arange(size) < filled).reshape((size,) + (1,) * (values.ndim - 1))
+    n = jnp.maximum(filled, 1).astype(jnp.float32)
+    scale = power_of_two_divisor(jnp.max(jnp.where(mask, jnp.abs(values), 0), axis=0))
+    scaled = jnp.where(mask, values / scale, 0)
+    scaled_mean = jnp.sum(scaled, axis=0) / n
+    squares = jnp.where(mask, jnp.square(scaled - scaled_mean), 0)
+    scaled_var = jnp.sum(squares, axis=0) / jnp.maximum(n - ddof, 1)
+    return scale * scaled_mean, scale * safe_root(scaled_var, 2.0)
+
+
 class ScaledNorm(NamedTuple):
     """A norm (or a vector of norms) held as ``divisor * root``.
 

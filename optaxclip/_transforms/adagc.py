@@ -47,6 +47,49 @@ class AdaGCState(NamedTuple):
     stats: ClipStats
 
 
+def ratio_limits(
+    gamma: jax.Array, norms: jax.Array, relative_factor: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The reference norms and the thresholds ``relative_factor * reference``, elementwise.
+
+    The reference is ``gamma`` where it is set (> 0) and the norm itself where it is not, so
+    that a norm without history takes its own value as the reference.
+    """
+    reference = jnp.where(gamma > 0, gamma, norms)
+    return reference, jnp.asarray(relative_factor, jnp.float32) * reference
+
+
+def ema_of_clipped_norm(
+    reference: jax.Array, norms: jax.Array, limits: jax.Array, over: jax.Array, beta: Any
+) -> jax.Array:
+    """``beta * reference + (1 - beta) * clipped``: the EMA step of the clipped norms.
+
+    The clipped norm is ``limits`` where ``over`` (the norm was scaled down to it) and the
+    norm itself elsewhere.
+    """
+    b = jnp.asarray(beta, jnp.float32)
+    return b * reference + (1 - b) * jnp.where(over, limits, norms)
+
+
+def ema_ratio_step(
+    norms: jax.Array, gamma: jax.Array, relative_factor: Any, beta: Any
+) -> tuple[jax.Array, jax.Array]:
+    """The threshold ``relative_factor * gamma`` (inf where gamma is not set) and the next gamma.
+
+    The per-leaf rule of :func:`adagc` after its warm-up, written as a threshold rule: a norm
+    without a gamma yet is not clipped and starts its gamma. A step with a non-finite norm
+    keeps gamma as it is.
+    """
+    reference, limits = ratio_limits(gamma, norms, relative_factor)
+    threshold = jnp.where(gamma > 0, limits, jnp.inf)
+    moved = ema_of_clipped_norm(reference, norms, limits, norms > threshold, beta)
+    # Near the top of the range the sum can round past the largest float, and an infinite
+    # gamma would switch the clipping off for good.
+    moved = jnp.minimum(moved, jnp.finfo(jnp.float32).max)
+    keep = jnp.all(jnp.isfinite(norms))
+    return threshold, jnp.where(keep, moved, gamma).astype(jnp.float32)
+
+
 def adagc(
     relative_factor: float = 1.04,
     beta: float = 0.99,
@@ -190,11 +233,9 @@ def adagc(
         )
 
         # After the warm-up: per-leaf scale against relative_factor * gamma_i.
-        reference = jnp.where(gamma > 0, gamma, n)
-        limits = jnp.asarray(relative_factor, f32) * reference
+        reference, limits = ratio_limits(gamma, n, relative_factor)
         over = n > limits
-        b = jnp.asarray(beta, f32)
-        ema_gamma = b * reference + (1 - b) * jnp.where(over, limits, n)
+        ema_gamma = ema_of_clipped_norm(reference, n, limits, over, beta)
 
         new_gamma = jnp.where(finite, jnp.where(in_warmup, warm_gamma, ema_gamma), gamma)
 

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
-from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.reductions import scaled_norm_of_leaves
-from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._spec.stats import ClipStats, initial_stats
+from optaxclip._spec.layout import AxisName, Layout
+from optaxclip._spec.stats import ClipStats
 from optaxclip._spec.validation import (
     check_closed_interval,
     check_count,
     check_name,
-    normalize_ord,
 )
+from optaxclip._transforms import rules
+from optaxclip._transforms.rule import rule_transform
 
 
 class AutoClipState(NamedTuple):
@@ -37,32 +34,6 @@ class AutoClipState(NamedTuple):
     next_slot: jax.Array
     filled: jax.Array
     stats: ClipStats
-
-
-def history_percentile(history: jax.Array, filled: jax.Array, percentile: Any) -> jax.Array:
-    """The ``percentile``-th percentile of ``history[:filled]``, like ``numpy.percentile``.
-
-    Linear interpolation between the two nearest ranks (NumPy's default ``"linear"``
-    method). The unused entries are masked with +inf so a single sort of the fixed-size
-    buffer puts the valid values first; the rank index is computed from ``filled``, so the
-    function jits with a traced ``filled`` and ``percentile``. Returns +inf when ``filled``
-    is 0.
-    """
-    size = history.shape[0]
-    ordered = jnp.sort(jnp.where(jnp.arange(size) < filled, history, jnp.inf))
-    last = jnp.maximum(filled - 1, 0)
-    position = jnp.asarray(percentile, jnp.float32) * last.astype(jnp.float32) / 100.0
-    position = jnp.clip(position, 0.0, last.astype(jnp.float32))
-    lower = jnp.floor(position)
-    weight = position - lower
-    low_index = lower.astype(jnp.int32)
-    below = ordered[low_index]
-    above = ordered[jnp.minimum(low_index + 1, last)]
-    # NumPy's two-sided lerp, exact at both ends of the interval.
-    value = jnp.where(
-        weight < 0.5, below + (above - below) * weight, above - (above - below) * (1 - weight)
-    )
-    return jnp.where(filled > 0, value, jnp.inf)
 
 
 def autoclip(
@@ -134,41 +105,20 @@ def autoclip(
     call = "autoclip"
     check_closed_interval(percentile, "percentile", 0.0, 100.0, call=call)
     size = check_count(history_size, "history_size", minimum=1, call=call)
-    p = normalize_ord(ord, call=call)
-    policy = NonfinitePolicy(nonfinite)
-    normalize_axis_names(axis_name)
-    label = check_name(name, "autoclip")
-
-    def init_fn(params: Any) -> AutoClipState:
-        check_params(params)
-        return AutoClipState(
-            history=jnp.zeros((size,), jnp.float32),
-            next_slot=jnp.zeros((), jnp.int32),
-            filled=jnp.zeros((), jnp.int32),
-            stats=initial_stats(label),
-        )
-
-    def update_fn(
-        updates: Any, state: AutoClipState, params: Any = None
-    ) -> tuple[Any, AutoClipState]:
-        del params
-        paths, leaves, treedef = flatten_updates(updates)
-        scaled = scaled_norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
-        recorded = scaled.saturated.astype(jnp.float32)
-        keep = jnp.isfinite(recorded)
-        history = jnp.where(keep, state.history.at[state.next_slot].set(recorded), state.history)
-        next_slot = jnp.where(keep, (state.next_slot + 1) % size, state.next_slot)
-        filled = jnp.where(keep, jnp.minimum(state.filled + 1, size), state.filled)
-        limit = history_percentile(history, filled, percentile)
-        out, stats = clip_to_global_norm(
-            paths, leaves, scaled, limit, policy, label, state.stats.steps + 1
-        )
-        new_state = AutoClipState(
-            history=history,
-            next_slot=next_slot.astype(jnp.int32),
-            filled=filled.astype(jnp.int32),
-            stats=stats,
-        )
-        return jax.tree_util.tree_unflatten(treedef, out), new_state
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return rule_transform(
+        rules.percentile(percentile, size),
+        scope="global",
+        ord=ord,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+        layout=layout,
+        label=check_name(name, "autoclip"),
+        call=call,
+        pack=lambda rule_state, stats: AutoClipState(
+            rule_state.history, rule_state.next_slot, rule_state.filled, stats
+        ),
+        unpack=lambda state: (
+            rules.PercentileState(state.history, state.next_slot, state.filled),
+            state.stats,
+        ),
+    )

@@ -12,19 +12,13 @@ from jax import lax
 
 from optaxclip._engine.clip import (
     check_params,
+    clip_to_leaf_norms,
     flatten_updates,
-    scale_per_leaf,
 )
 from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.arithmetic import (
-    combine_norms,
-    combine_scaled_norms,
-    scaled_post_norm,
-    shrink_factors,
-)
 from optaxclip._numerics.reductions import group_by_axes, scaled_norms_per_leaf
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._spec.stats import ClipState, initial_stats, make_stats, nothing_clipped
+from optaxclip._spec.stats import ClipState, initial_stats, nothing_clipped
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
 from optaxclip._spec.validation import check_name, normalize_ord
 
@@ -67,34 +61,8 @@ def _per_leaf_norm_clipper(
             norm_limits = limit_vector * jnp.sqrt(sizes)
         else:
             norm_limits = limit_vector
-        over = norms > norm_limits
-        finite = jnp.all(scaled.finite)
-        pre = combine_scaled_norms(scaled, p).value
-
-        def leaf_factors(operands: Any) -> tuple[jax.Array, jax.Array]:
-            norms, norm_limits, over = operands
-            coarse, fine = shrink_factors(norm_limits, norms, over)
-            # A threshold of 0 zeroes a leaf even when its norm rounds to 0 (entries below
-            # ~1e-19, see needs_rescue); the stats count it as unclipped, like a zero leaf.
-            return coarse, jnp.where(norm_limits == 0, 0, fine)
-
-        out, (coarse, fine) = scale_per_leaf(
-            policy, label, paths, leaves, finite, leaf_factors, (scaled, norm_limits, over), pre
-        )
-        post_if_finite = combine_norms(scaled_post_norm(scaled, coarse, fine), p)
-        post = policy.report(finite, post_if_finite, if_zeroed=0, if_passed=pre)
-        clipped = policy.report(
-            finite, jnp.mean(over.astype(jnp.float32)), if_zeroed=1.0, if_passed=0.0
-        )
-        stats = make_stats(
-            label,
-            steps=count + 1,
-            pre_clip_norm=pre,
-            post_clip_norm=post,
-            # The bound on the norms, as the two norms beside it: for the RMS clip, each
-            # leaf's RMS bound times the square root of its size.
-            threshold=jnp.min(norm_limits),
-            clipped_fraction=clipped,
+        out, stats = clip_to_leaf_norms(
+            paths, leaves, scaled, norm_limits, policy, label, count + 1, p
         )
         return jax.tree_util.tree_unflatten(treedef, out), ClipState(stats=stats)
 

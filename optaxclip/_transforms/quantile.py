@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import optax
 
-from optaxclip._engine.clip import check_params, clip_to_global_norm, flatten_updates
-from optaxclip._engine.nonfinite import NonfinitePolicy
-from optaxclip._numerics.reductions import scaled_norm_of_leaves
-from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
-from optaxclip._spec.stats import ClipStats, initial_stats
+from optaxclip._spec.layout import AxisName, Layout
+from optaxclip._spec.stats import ClipStats
 from optaxclip._spec.validation import (
     check_closed_interval,
     check_name,
     check_number,
     check_positive,
-    normalize_ord,
 )
-
-# The threshold stays within the positive normal float32 range, so a long run of zero
-# gradients cannot drive it to 0 (from which a geometric update never recovers).
-_SMALLEST = float(jnp.finfo(jnp.float32).tiny)
-_LARGEST = float(jnp.finfo(jnp.float32).max)
+from optaxclip._transforms import rules
+from optaxclip._transforms.rule import rule_transform
 
 
 class QuantileClipState(NamedTuple):
@@ -102,35 +94,15 @@ def quantile_clip(
     check_closed_interval(target_quantile, "target_quantile", 0.0, 1.0, call=call)
     check_number(learning_rate, "learning_rate", allow_inf=False, call=call)
     check_positive(initial_threshold, "initial_threshold", call=call)
-    p = normalize_ord(ord, call=call)
-    policy = NonfinitePolicy(nonfinite)
-    normalize_axis_names(axis_name)
-    label = check_name(name, "quantile_clip")
-
-    def init_fn(params: Any) -> QuantileClipState:
-        check_params(params)
-        start = jnp.clip(jnp.asarray(initial_threshold, jnp.float32), _SMALLEST, _LARGEST)
-        return QuantileClipState(threshold=start, stats=initial_stats(label))
-
-    def update_fn(
-        updates: Any, state: QuantileClipState, params: Any = None
-    ) -> tuple[Any, QuantileClipState]:
-        del params
-        paths, leaves, treedef = flatten_updates(updates)
-        scaled = scaled_norm_of_leaves(leaves, p, leaf_reduction_axes(updates, axis_name, layout))
-        norm = scaled.saturated
-        limit = state.threshold
-        out, stats = clip_to_global_norm(
-            paths, leaves, scaled, limit, policy, label, state.stats.steps + 1
-        )
-        unclipped = (norm <= limit.astype(norm.dtype)).astype(jnp.float32)
-        step = jnp.asarray(learning_rate, jnp.float32) * (
-            unclipped - jnp.asarray(target_quantile, jnp.float32)
-        )
-        moved = jnp.clip(limit * jnp.exp(-step), _SMALLEST, _LARGEST)
-        threshold = jnp.where(jnp.isfinite(norm), moved, limit)
-        return jax.tree_util.tree_unflatten(treedef, out), QuantileClipState(
-            threshold=threshold.astype(jnp.float32), stats=stats
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    return rule_transform(
+        rules.quantile(target_quantile, learning_rate, initial_threshold),
+        scope="global",
+        ord=ord,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+        layout=layout,
+        label=check_name(name, "quantile_clip"),
+        call=call,
+        pack=lambda threshold, stats: QuantileClipState(threshold=threshold, stats=stats),
+        unpack=lambda state: (state.threshold, state.stats),
+    )
