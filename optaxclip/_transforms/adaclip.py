@@ -14,7 +14,12 @@ from optaxclip import _lowering as lowering
 from optaxclip._engine.clip import check_params, flatten_updates
 from optaxclip._engine.nonfinite import NonfinitePolicy
 from optaxclip._lowering import ReadView
-from optaxclip._numerics.arithmetic import abs_max, accumulation_dtype, pmax, safe_divide
+from optaxclip._numerics.arithmetic import (
+    abs_max_for_scaling,
+    accumulation_dtype,
+    pmax,
+    safe_divide,
+)
 from optaxclip._numerics.reductions import norm_of_leaves, sum_across_devices, sum_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
@@ -200,10 +205,12 @@ def adaclip(
             return updates, state._replace(stats=nothing_clipped(label, steps))
 
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
-        # Each leaf's largest magnitude over all its blocks; NaN or Inf anywhere shows in it.
+        # Each leaf's largest magnitude over all its blocks; NaN or Inf anywhere shows in it
+        # (XLA's maximum propagates NaN, and ``pmax`` keeps it across devices), so one plain
+        # reduction suffices, without the full-size temporary of ``abs_max``.
         peaks = lowering.stack_against_chain_rewrite(
             [
-                pmax(abs_max(x, jnp.dtype(jnp.float32)), axes)
+                pmax(abs_max_for_scaling(x, jnp.dtype(jnp.float32)), axes)
                 for x, axes in zip(leaves, leaf_axes, strict=True)
             ]
         )
