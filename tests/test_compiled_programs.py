@@ -247,8 +247,38 @@ def test_value_clip_writes_no_full_size_temporary_beyond_optax_clip(max_delta, m
         (lambda: optaxclip.zclip(warmup_steps=2), lambda: optaxclip.clip_by_global_norm(1.0)),
         (lambda: optaxclip.quantile_clip(), lambda: optaxclip.clip_by_global_norm(1.0)),
         (lambda: optaxclip.adagc(warmup_steps=2), lambda: optaxclip.clip_by_leaf_norm(1.0)),
+        (
+            lambda: optaxclip.clip_by_rule(optaxclip.rules.constant(1.0)),
+            lambda: optaxclip.clip_by_global_norm(1.0),
+        ),
+        (
+            lambda: optaxclip.clip_by_rule(optaxclip.rules.zscore(warmup_steps=2)),
+            lambda: optaxclip.clip_by_global_norm(1.0),
+        ),
+        (
+            lambda: optaxclip.clip_by_rule(optaxclip.rules.mean_std(window=4)),
+            lambda: optaxclip.clip_by_global_norm(1.0),
+        ),
+        (
+            lambda: optaxclip.clip_by_rule(optaxclip.rules.percentile(10.0), scope="per_leaf"),
+            lambda: optaxclip.clip_by_leaf_norm(1.0),
+        ),
+        (
+            lambda: optaxclip.clip_by_rule(optaxclip.rules.ema_ratio(), scope="per_leaf"),
+            lambda: optaxclip.clip_by_leaf_norm(1.0),
+        ),
     ],
-    ids=["autoclip", "zclip", "quantile_clip", "adagc"],
+    ids=[
+        "autoclip",
+        "zclip",
+        "quantile_clip",
+        "adagc",
+        "rule_constant",
+        "rule_zscore",
+        "rule_mean_std",
+        "rule_percentile_per_leaf",
+        "rule_ema_ratio_per_leaf",
+    ],
 )
 @pytest.mark.parametrize("chained", [False, True], ids=["alone", "chained"])
 def test_adaptive_clippers_add_no_leaf_sized_work_to_their_static_counterpart(
