@@ -227,3 +227,13 @@ def check_name(value: Any, default: str) -> str:
     if not isinstance(value, str) or not value or "/" in value:
         raise ValueError(f"name must be a non-empty string without '/', got {value!r}.")
     return value
+
+
+def check_real_leaves(paths_and_leaves: Any, name: str, label: str) -> None:
+    """Raises for a complex leaf: bounding entries by magnitude in order needs real values."""
+    for path, leaf in paths_and_leaves:
+        if jnp.iscomplexobj(leaf):
+            raise TypeError(
+                f"{label}: {name} leaf {path_str(path)} has the complex dtype {leaf.dtype}; "
+                f"{label} needs real values (use a norm clipper such as clip_by_leaf_norm)."
+            )

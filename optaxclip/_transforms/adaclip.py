@@ -23,7 +23,12 @@ from optaxclip._numerics.arithmetic import (
 from optaxclip._numerics.reductions import norm_of_leaves, sum_across_devices, sum_of_leaves
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipStats, initial_stats, make_stats, nothing_clipped
-from optaxclip._spec.validation import check_name, check_open_unit, is_concrete_number, path_str
+from optaxclip._spec.validation import (
+    check_name,
+    check_open_unit,
+    check_real_leaves,
+    is_concrete_number,
+)
 
 
 class AdaClipState(NamedTuple):
@@ -41,16 +46,6 @@ class AdaClipState(NamedTuple):
     max_ema: jax.Array
     finite_steps: jax.Array
     stats: ClipStats
-
-
-def _check_real_leaves(paths_and_leaves: Any, name: str, label: str) -> None:
-    """The threshold bounds magnitudes in order, which complex numbers do not have."""
-    for path, leaf in paths_and_leaves:
-        if jnp.iscomplexobj(leaf):
-            raise TypeError(
-                f"{label}: {name} leaf {path_str(path)} has the complex dtype {leaf.dtype}; "
-                f"adaclip needs real values (use a norm clipper such as clip_by_leaf_norm)."
-            )
 
 
 def _decay_terms(theta: Any) -> tuple[Any, Any]:
@@ -180,7 +175,7 @@ def adaclip(
 
     def init_fn(params: Any) -> AdaClipState:
         check_params(params)
-        _check_real_leaves(jax.tree_util.tree_leaves_with_path(params), "params", label)
+        check_real_leaves(jax.tree_util.tree_leaves_with_path(params), "params", label)
         # Every field gets its own buffer, so that the state can be donated to a jitted update.
         return AdaClipState(
             max_ema=jnp.zeros((len(jax.tree_util.tree_leaves(params)),), jnp.float32),
@@ -193,7 +188,7 @@ def adaclip(
     ) -> tuple[Any, AdaClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        _check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
+        check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
         if len(leaves) != state.max_ema.shape[-1]:
             raise ValueError(
                 f"{label}: the gradient has {len(leaves)} leaves but the state was initialised "

@@ -18,20 +18,10 @@ from optaxclip._numerics.reductions import norm_of_leaves, sum_across_devices, s
 from optaxclip._spec.layout import AxisName, Layout, leaf_reduction_axes, normalize_axis_names
 from optaxclip._spec.stats import ClipState, initial_stats, make_stats
 from optaxclip._spec.thresholds import Threshold, ThresholdLike
-from optaxclip._spec.validation import check_name, path_str
+from optaxclip._spec.validation import check_name, check_real_leaves, path_str
 
 # The count's and the post-clip norm's slots among the runtime ones (lowering.DistinctOnes).
 _COUNT, _CLAMPED = 0, 1
-
-
-def _check_real_leaves(paths_and_leaves: Any, name: str, label: str) -> None:
-    """Value clipping orders the elements, which complex numbers do not allow."""
-    for path, leaf in paths_and_leaves:
-        if jnp.iscomplexobj(leaf):
-            raise TypeError(
-                f"{label}: {name} leaf {path_str(path)} has the complex dtype {leaf.dtype}; "
-                f"clamping needs real values (use a norm clipper such as clip_by_leaf_norm)."
-            )
 
 
 # The clipped fraction and the post-clip norm are reductions over every entry, next to the
@@ -209,7 +199,7 @@ def clip_by_value(
 
     def init_fn(params: Any) -> ClipState:
         check_params(params)
-        _check_real_leaves(jax.tree_util.tree_leaves_with_path(params), "params", label)
+        check_real_leaves(jax.tree_util.tree_leaves_with_path(params), "params", label)
         upper.validate_for(params)
         if lower is not None:
             lower.validate_for(params)
@@ -231,7 +221,7 @@ def clip_by_value(
     def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         paths, leaves, treedef = flatten_updates(updates)
-        _check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
+        check_real_leaves(zip(paths, leaves, strict=True), "updates", label)
         count = state.stats.steps
         lows, highs = bounds(updates, count)
         leaf_axes = leaf_reduction_axes(updates, axis_name, layout)
