@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers.public import public_transforms
 
 import optaxclip
 from optaxclip._spec.validation import (
@@ -306,18 +307,7 @@ def test_each_stated_bound_is_the_bound_enforced(call, arg, bad, kwargs):
 
 def test_the_bound_cases_cover_every_public_transform():
     covered = {call for call, _, _, _ in _BOUNDED}
-    not_transforms = {
-        "ClipRule",
-        "rules",
-        "ClipStats",
-        "clip_stats",
-        "global_norm",
-        "layout_from_shardings",
-        "leaf_norms",
-        "unit_reduction_axes",
-    }
-    public = {n for n in optaxclip.__all__ if not n.endswith("State")} - not_transforms
-    assert covered == public
+    assert covered == public_transforms()
 
 
 # --- low-precision thresholds -----------------------------------------------------------------
