@@ -9,7 +9,7 @@ clipping, the gradient norm shoots up by twenty orders of magnitude and most run
 Every method trains the same seeds (same initial weights, same data stream); the seeds are
 vectorised with ``jax.vmap`` and the steps run in ``jax.lax.scan`` chunks, so each method
 compiles once. The defaults take about a minute on two CPU cores (a few minutes when the
-machine is busy). Results: ``docs/demo_results.md``.
+machine is busy). Results: ``docs/examples/index.md``.
 
 Writes into ``--out`` (default ``./demo_output``):
 
@@ -55,7 +55,7 @@ SMOOTHING = 100  # steps in the running mean used for "solved" and the final los
 
 # name -> (label shown in the table, factory). Each method is the clipper chained before
 # SGD with momentum; "none" has no clipper at all. DEFAULT_METHODS run unless --methods says
-# otherwise; the variants after them are there to be asked for (see docs/demo_results.md).
+# otherwise; the variants after them are there to be asked for (see docs/examples/index.md).
 METHODS: dict[str, tuple[str, Callable[[], optax.GradientTransformation]]] = {
     "none": ("no clipping", optax.identity),
     "clip_by_value": ("clip_by_value(0.1)", lambda: optaxclip.clip_by_value(0.1)),

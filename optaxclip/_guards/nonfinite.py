@@ -37,7 +37,7 @@ def _all_finite(leaves: list[jax.Array], axes: tuple[str, ...]) -> jax.Array:
 
 
 class SkipNonfiniteState(NamedTuple):
-    """State of :func:`skip_nonfinite`.
+    """State of [`skip_nonfinite`][optaxclip.skip_nonfinite].
 
     Attributes:
       inner_state: the wrapped optimizer's state (unchanged by skipped steps).
@@ -84,7 +84,7 @@ def skip_nonfinite(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` whose state is a
-      :class:`SkipNonfiniteState`.
+      [`SkipNonfiniteState`][optaxclip.SkipNonfiniteState].
 
     Raises:
       TypeError: ``inner`` is not a gradient transformation, or ``max_consecutive_errors``

@@ -22,7 +22,9 @@ _TINY = 1e-30
 
 
 class SkipSpikesState(NamedTuple):
-    """State of :func:`skip_spikes`. Windows are float32 ring buffers of accepted steps.
+    """State of [`skip_spikes`][optaxclip.skip_spikes]: windows of accepted steps, and counters.
+
+    The windows are float32 ring buffers.
 
     Attributes:
       inner_state: the wrapped optimizer's state (unchanged by skipped steps).
@@ -90,9 +92,9 @@ def skip_spikes(
     floored at ``1e-6 * |mean|`` and at ``1e-30``). Norm and loss are tested separately:
     either spiking skips the step. A NaN/Inf norm or loss also skips, at any time. A skipped
     step gives a zero update and leaves the whole inner state unchanged, as
-    :func:`skip_nonfinite` does. The window's sums run on values divided by a power of two
-    near its largest, so the threshold is finite whenever its exact value is (the squares of
-    values beyond the square root of the largest float would overflow).
+    [`skip_nonfinite`][optaxclip.skip_nonfinite] does. The window's sums run on values divided by a
+    power of two near its largest, so the threshold is finite whenever its exact value is (the
+    squares of values beyond the square root of the largest float would overflow).
 
     Only accepted steps enter the windows. OLMo-core, Levanter and MaxText append every
     step, spikes included; then one spike inflates the standard deviation for the next
@@ -115,13 +117,13 @@ def skip_spikes(
         across; the norm is then that of the whole gradient, the same on every device. A
         ``loss=`` passed there must already be the same on every device.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`optaxclip.clip_by_global_norm`.
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SkipSpikesState`
-      (holding the last norm, thresholds and skipped flag). It carries no ``ClipStats``, so
-      :func:`optaxclip.clip_stats` does not list it; read ``state.skipped``,
-      ``state.last_norm`` and ``state.norm_threshold`` directly.
+      An ``optax.GradientTransformationExtraArgs`` whose state is a
+      [`SkipSpikesState`][optaxclip.SkipSpikesState] (holding the last norm, thresholds and skipped
+      flag). It carries no ``ClipStats``, so [`clip_stats`][optaxclip.clip_stats] does not list it;
+      read ``state.skipped``, ``state.last_norm`` and ``state.norm_threshold`` directly.
 
     Raises:
       TypeError: ``inner`` is not a gradient transformation, or a count is not an integer.

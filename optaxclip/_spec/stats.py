@@ -25,7 +25,7 @@ class ClipStats(NamedTuple):
     each unit, a slice of a leaf; *value* (``clip_by_value``) clamps each element. The norms
     are always norms of the whole gradient the clipper acts on (for AGC, the leaves it does
     not exclude), so they can be compared across clippers and with
-    :func:`optaxclip.global_norm`.
+    [`global_norm`][optaxclip.global_norm].
 
     On a step whose gradient holds NaN or Inf, ``pre_clip_norm`` is not finite and the
     ``nonfinite=`` policy decides the rest, the same way for every clipper:
@@ -66,8 +66,8 @@ class ClipStats(NamedTuple):
       steps: the number of updates seen, this one included. (Named ``steps``, not
         ``count``, so that ``optax.tree_utils.tree_get(state, "count")`` still finds only
         the optimizer's own counter.)
-      name: a static label used by :func:`clip_stats` as the key prefix; it is pytree
-        metadata, not an array, so it does not travel through ``jit`` as data.
+      name: a static label used by [`clip_stats`][optaxclip.clip_stats] as the key prefix; it is
+        pytree metadata, not an array, so it does not travel through ``jit`` as data.
     """
 
     pre_clip_norm: jax.Array
@@ -179,7 +179,7 @@ def _find_all(tree: Any) -> list[ClipStats]:
 
 
 def clip_stats(opt_state: Any) -> dict[str, jax.Array]:
-    """Collects every :class:`ClipStats` inside an optimizer state into a flat dict.
+    """Collects every [`ClipStats`][optaxclip.ClipStats] inside an optimizer state into a flat dict.
 
     Works through ``optax.chain``, ``optax.inject_hyperparams``, ``optax.MultiSteps``,
     ``optax.masked``, ``optax.partition`` and any other pytree state, and accepts a

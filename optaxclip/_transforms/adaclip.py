@@ -32,15 +32,15 @@ from optaxclip._spec.validation import (
 
 
 class AdaClipState(NamedTuple):
-    """State of :func:`adaclip`.
+    """State of [`adaclip`][optaxclip.adaclip].
 
     Attributes:
       max_ema: float32 vector with one entry per gradient leaf (``tree_leaves`` order): the
         EMA ``m_i`` of the leaf's largest magnitude, before bias correction.
       finite_steps: int32 number of steps whose gradient was entirely finite, the ``t`` of the
         bias correction. Non-finite steps are not counted.
-      stats: what the last update did (:class:`ClipStats`); ``stats.steps`` counts every
-        update, the non-finite ones included.
+      stats: what the last update did ([`ClipStats`][optaxclip.ClipStats]); ``stats.steps`` counts
+        every update, the non-finite ones included.
     """
 
     max_ema: jax.Array
@@ -81,7 +81,7 @@ def adaclip(
     """AdaClip: clips each entry against a bias-corrected EMA of its leaf's largest magnitude.
 
     For each leaf ``i``, on a step whose gradient is entirely finite, with ``t`` the number of
-    such steps (this one included)::
+    such steps (this one included):
 
         p_i    = max_j |g_ij|
         m_i   <- theta * m_i + (1 - theta) * p_i
@@ -94,12 +94,13 @@ def adaclip(
     order and the largest lands on ``mhat_i``: this is a rescaling, not an element-wise clamp.
     Entries at or below ``mhat_i`` are returned bit for bit, and a leaf of zeros is unchanged.
 
-    It fills the gap between :func:`clip_by_value`, whose element bound is a fixed number
-    chosen in advance, and the adaptive norm clippers (:func:`autoclip`, :func:`zclip`,
-    :func:`adagc`), which scale whole tensors: the bound is on single entries and follows each
-    leaf's own history, so a spike in a few entries is pulled back while the rest of the leaf
-    keeps its values. Stable-SPAM applies it before Adam, followed by a normalisation of each
-    tensor's norm (AdaGN), which this transform does not include.
+    It fills the gap between [`clip_by_value`][optaxclip.clip_by_value], whose element bound is a
+    fixed number chosen in advance, and the adaptive norm clippers
+    ([`autoclip`][optaxclip.autoclip], [`zclip`][optaxclip.zclip], [`adagc`][optaxclip.adagc]),
+    which scale whole tensors: the bound is on single entries and follows each leaf's own history,
+    so a spike in a few entries is pulled back while the rest of the leaf keeps its values.
+    Stable-SPAM applies it before Adam, followed by a normalisation of each tensor's norm (AdaGN),
+    which this transform does not include.
 
     Departures from the reference code, on edge cases only: a step holding NaN or Inf changes
     no statistic and does not advance ``t`` (``nonfinite`` decides what happens to the
@@ -108,21 +109,22 @@ def adaclip(
 
     Args:
       theta: the EMA decay, in (0, 1) (the reference's ``gamma3``).
-      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._engine.nonfinite`.
+      nonfinite: what a gradient holding NaN or Inf becomes: ``"propagate"`` (default)
+        passes it through unscaled, ``"zero"`` makes the update all zeros, ``"error"``
+        raises ``FloatingPointError`` naming the first non-finite leaf.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split across;
         each leaf's largest magnitude is then that of the whole leaf.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"adaclip"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"adaclip"``).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is an :class:`AdaClipState`. Its
-      ``ClipStats`` report the global L2 norms before and after, ``threshold`` = the smallest
-      ``mhat_i`` over the leaves where it is above 0 (``inf`` if none; on a non-finite step,
-      that of the statistics kept), and ``clipped_fraction`` = the fraction of all entries
-      scaled. Each output leaf keeps its dtype; fp16/bf16 leaves are clipped in float32 and
-      rounded once.
+      An ``optax.GradientTransformation`` whose state is an
+      [`AdaClipState`][optaxclip.AdaClipState]. Its ``ClipStats`` report the global L2 norms before
+      and after, ``threshold`` = the smallest ``mhat_i`` over the leaves where it is above 0
+      (``inf`` if none; on a non-finite step, that of the statistics kept), and ``clipped_fraction``
+      = the fraction of all entries scaled. Each output leaf keeps its dtype; fp16/bf16 leaves are
+      clipped in float32 and rounded once.
 
     Raises:
       ValueError: ``theta`` outside (0, 1) or NaN, an unknown ``nonfinite``; at ``update``, a

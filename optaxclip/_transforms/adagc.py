@@ -30,7 +30,7 @@ from optaxclip._spec.validation import (
 
 
 class AdaGCState(NamedTuple):
-    """State of :func:`adagc`.
+    """State of [`adagc`][optaxclip.adagc].
 
     Attributes:
       norm_ema: float32 vector with one entry per gradient leaf (``tree_leaves`` order): the
@@ -39,7 +39,7 @@ class AdaGCState(NamedTuple):
         norm. 0 means "not set yet" (the leaf has only had zero gradients).
       finite_count: the number of finite steps seen; the warm-up lasts while it is below
         ``warmup_steps``. Non-finite steps are not counted.
-      stats: what the last update did (:class:`ClipStats`).
+      stats: what the last update did ([`ClipStats`][optaxclip.ClipStats]).
     """
 
     norm_ema: jax.Array
@@ -115,8 +115,8 @@ def adagc(
 
     During the warm-up (the first ``warmup_steps`` finite steps) the whole gradient is
     clipped by its global norm at ``warmup_max_norm`` (exactly, as
-    :func:`optaxclip.clip_by_global_norm`) and each ``gamma_i`` becomes the smallest
-    per-leaf norm measured *after* that global clip. This follows the authors' Megatron
+    [`clip_by_global_norm`][optaxclip.clip_by_global_norm]) and each ``gamma_i`` becomes the
+    smallest per-leaf norm measured *after* that global clip. This follows the authors' Megatron
     code (``relative_factor=1.04``, ``beta=0.99``, 100 warm-up steps of global clipping at
     1.0); the paper's first version and third-party ports use 1.05 / 0.98.
 
@@ -137,17 +137,18 @@ def adagc(
         warm-up clipping off).
       eps: added to ``n_i`` in the divisor of the per-leaf scale, as in the reference
         (>= 0; 0 gives exact scaling to ``relative_factor * gamma_i``).
-      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._engine.nonfinite`.
+      nonfinite: what a gradient holding NaN or Inf becomes: ``"propagate"`` (default)
+        passes it through unscaled, ``"zero"`` makes the update all zeros, ``"error"``
+        raises ``FloatingPointError`` naming the first non-finite leaf.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split
         across; each leaf's norm is then that of the whole leaf.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`optaxclip.clip_by_global_norm`.
-      name: label for :func:`optaxclip.clip_stats` (default ``"adagc"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"adagc"``).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is an :class:`AdaGCState`. Its
-      ``ClipStats`` report global norms before and after (the latter from the per-leaf
+      An ``optax.GradientTransformation`` whose state is an [`AdaGCState`][optaxclip.AdaGCState].
+      Its ``ClipStats`` report global norms before and after (the latter from the per-leaf
       scales), ``threshold`` = ``warmup_max_norm`` during the warm-up and afterwards the
       smallest per-leaf threshold ``relative_factor * gamma_i`` over the leaves whose
       ``gamma_i`` is set (``inf`` if none), and ``clipped_fraction`` = the fraction of

@@ -47,7 +47,10 @@ from optaxclip._spec.validation import check_name, check_number, path_str
 
 
 class AGCState(NamedTuple):
-    """State of :func:`adaptive_grad_clip`: AGC keeps no statistics, only its report."""
+    """State of [`adaptive_grad_clip`][optaxclip.adaptive_grad_clip]: only its report.
+
+    AGC keeps no running statistics.
+    """
 
     stats: ClipStats
 
@@ -179,7 +182,7 @@ def adaptive_grad_clip(
     """Clips each unit's gradient to a fraction of that unit's weight norm (AGC).
 
     For every unit ``i`` (a slice of a parameter leaf, see ``unit_axes``) with weights
-    ``W_i`` and gradient ``G_i``::
+    ``W_i`` and gradient ``G_i``:
 
         limit_i = clipping * max(||W_i||, eps)
         G_i <- G_i * limit_i / ||G_i||     if ||G_i|| > limit_i, else G_i unchanged
@@ -224,22 +227,25 @@ def adaptive_grad_clip(
         path, so a dict describes an ``nnx.State``) whose entries are presets or axis tuples,
         or a function ``(path, leaf) -> preset or axes``.
       exclude: the leaves AGC must not touch, as a pytree of bools matching the parameters
-        (or a prefix, matched by key path) or ``(path, leaf) -> bool``; NFNets excludes the final classifier.
-        Excluded leaves pass through bit for bit and are not part of the stats or of the
+        (or a prefix, matched by key path) or ``(path, leaf) -> bool``; NFNets excludes the final
+        classifier. Excluded leaves pass through bit for bit and are not part of the stats or of the
         non-finite check.
-      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``, applied to the
-        leaves that are not excluded; see :mod:`optaxclip._engine.nonfinite`.
+      nonfinite: what a gradient holding NaN or Inf becomes, among the leaves that are not
+        excluded: ``"propagate"`` (default) passes it through unscaled, ``"zero"`` makes
+        the update all zeros, ``"error"`` raises ``FloatingPointError`` naming the first
+        non-finite leaf.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s). Each unit's partial
         sums (gradient and weights) are added across the axes that split one of its reduced
         dimensions (an ``(in, out)`` kernel split along ``in``); along axes that split a unit
         dimension (split along ``out``) each device holds whole units and only the stats are
         added across devices.
       layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of them or
-        ``(path, leaf) -> spec``; see :func:`layout_from_shardings`). AGC must know which
+        ``(path, leaf) -> spec``; see
+        [`layout_from_shardings`][optaxclip.layout_from_shardings]). AGC must know which
         dimension a leaf is split along, so a leaf that is split and has unit dimensions needs
         a PartitionSpec: a bare axis name, or no layout where JAX only records that the leaf
         varies across devices, raises a ValueError naming the leaf.
-      name: label for :func:`clip_stats` (default ``"adaptive_grad_clip"``).
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"adaptive_grad_clip"``).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is an ``AGCState``. Its stats report the

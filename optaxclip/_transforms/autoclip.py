@@ -19,7 +19,7 @@ from optaxclip._transforms.rule import rule_transform
 
 
 class AutoClipState(NamedTuple):
-    """State of :func:`autoclip`.
+    """State of [`autoclip`][optaxclip.autoclip].
 
     Attributes:
       history: float32 ring buffer of the last ``history_size`` finite global norms (the
@@ -50,7 +50,7 @@ def autoclip(
 
     At each step the current global norm ``||g_t||`` is recorded first, then the threshold
     is the ``percentile``-th percentile (NumPy's linear interpolation) of the recorded
-    norms, and the whole gradient is scaled down to it::
+    norms, and the whole gradient is scaled down to it:
 
         history <- history + [||g_t||]          (the last history_size finite norms)
         eta_t    = percentile(history, p)
@@ -73,8 +73,8 @@ def autoclip(
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the gradient is split across.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"autoclip"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"autoclip"``).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is an ``AutoClipState`` (a float32

@@ -39,19 +39,24 @@ def clip_by_global_norm(
         counted in the state).
       ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or any real
         p >= 1.
-      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._engine.nonfinite`. The default passes a NaN/Inf gradient through unscaled so
-        that a downstream guard can skip the step without finite leaves being altered.
+      nonfinite: what a gradient holding NaN or Inf becomes. ``"propagate"`` (default)
+        passes it through unscaled, so that a guard downstream (such as
+        [`skip_nonfinite`][optaxclip.skip_nonfinite]) can skip the step without finite
+        leaves being altered; ``"zero"`` makes the update all zeros; ``"error"`` raises
+        ``FloatingPointError`` naming the first non-finite leaf (under ``jit``, when the
+        result is read).
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is split
         across; the norm is then that of the whole gradient.
       layout: with ``axis_name``, the PartitionSpec of each leaf (a prefix pytree of specs or
         ``(path, leaf) -> spec``), so that leaves replicated along an axis are counted once;
-        see :mod:`optaxclip._spec.layout`. Default: inside ``shard_map(check_vma=True)`` read
-        from JAX's types; elsewhere every leaf is taken as split along all of ``axis_name``.
-      name: label for :func:`clip_stats` (default ``"clip_by_global_norm"``).
+        see [`layout_from_shardings`][optaxclip.layout_from_shardings] and the
+        [distributed training page](distributed.md). Default: inside
+        ``shard_map(check_vma=True)`` read from JAX's types; elsewhere every leaf is taken as
+        split along all of ``axis_name``.
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"clip_by_global_norm"``).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`ClipState`.
+      An ``optax.GradientTransformation`` whose state is a [`ClipState`][optaxclip.ClipState].
 
     Raises:
       ValueError: a negative or NaN ``max_norm``, ``ord < 1``, an unknown ``nonfinite``.

@@ -82,7 +82,7 @@ def clip_by_leaf_norm(
 
     This is Keras ``clipnorm`` and ``tf.clip_by_norm`` applied to every leaf. Leaves under
     their threshold are returned bit for bit (subnormal entries aside, as for
-    :func:`clip_by_global_norm`).
+    [`clip_by_global_norm`][optaxclip.clip_by_global_norm]).
 
     Args:
       max_norm: a number, a schedule ``step -> value``, a pytree of numbers matching the
@@ -93,8 +93,8 @@ def clip_by_leaf_norm(
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split across.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"clip_by_leaf_norm"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"clip_by_leaf_norm"``).
 
     Returns:
       An ``optax.GradientTransformation``; ``ClipStats.clipped_fraction`` is the fraction of
@@ -146,8 +146,8 @@ def clip_by_block_rms(
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the leaves are split across
         (the RMS then uses the full leaf size).
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"clip_by_block_rms"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"clip_by_block_rms"``).
 
     Returns:
       An ``optax.GradientTransformation``. Its ``ClipStats`` report L2 norms throughout:

@@ -72,7 +72,7 @@ def global_norm(
       layout: with ``axis_name``, how each leaf is laid out: a PartitionSpec (or a prefix
         pytree of them, or ``(path, leaf) -> spec``) naming the axes the leaf is split along;
         leaves replicated along an axis are counted once, not once per device. See
-        :mod:`optaxclip._spec.layout`.
+        [`layout_from_shardings`][optaxclip.layout_from_shardings].
 
     Returns:
       A float32 scalar (float64 if any leaf is float64).
@@ -108,15 +108,15 @@ def leaf_norms(
 ) -> Any:
     """One p-norm per leaf, as a pytree of scalars with the structure of ``tree``.
 
-    Same accuracy rules as :func:`global_norm` (float32 accumulation, no overflow, finite
-    gradients).
+    Same accuracy rules as [`global_norm`][optaxclip.global_norm] (float32 accumulation, no
+    overflow, finite gradients).
 
     Args:
       tree: a pytree of floating-point or complex arrays.
       ord: the order p of the norm: 1, 2, ``math.inf`` or any real p >= 1.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) across which each leaf is
         split; partial sums are added across them.
-      layout: per-leaf PartitionSpecs, as for :func:`global_norm`.
+      layout: per-leaf PartitionSpecs, as for [`global_norm`][optaxclip.global_norm].
 
     Returns:
       A pytree with the structure of ``tree`` whose leaves are float32 (or float64) scalars.

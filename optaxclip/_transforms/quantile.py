@@ -20,7 +20,7 @@ from optaxclip._transforms.rule import rule_transform
 
 
 class QuantileClipState(NamedTuple):
-    """State of :func:`quantile_clip`.
+    """State of [`quantile_clip`][optaxclip.quantile_clip].
 
     Attributes:
       threshold: float32, the clipping threshold C the next update will use.
@@ -46,7 +46,7 @@ def quantile_clip(
     """Clips the global norm to a threshold that tracks a quantile of the norms.
 
     The geometric quantile update of Andrew et al., applied to the global norm of one
-    gradient per step and without the privacy noise::
+    gradient per step and without the privacy noise:
 
         g_t <- g_t * min(1, C_t / ||g_t||)           (clip with the current C)
         b_t  = 1 if ||g_t|| <= C_t else 0
@@ -67,8 +67,8 @@ def quantile_clip(
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``.
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the gradient is split across.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"quantile_clip"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"quantile_clip"``).
 
     Returns:
       An ``optax.GradientTransformation`` whose state is a ``QuantileClipState``.

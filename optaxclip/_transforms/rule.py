@@ -46,8 +46,9 @@ class ClipRule(NamedTuple):
     The engine keeps ``new_rule_state`` only on steps whose gradient is finite; on other steps
     it keeps the state it had and applies the non-finite policy. The threshold returned on such
     a step is only reported (the policy decides the update), so a rule whose threshold reads
-    the current norm should not let a non-finite one in (the rules of :mod:`optaxclip.rules`
-    do not). A threshold below 0 acts as 0, and a NaN one as 0 too: the update is zeroed.
+    the current norm should not let a non-finite one in (the rules of
+    [`optaxclip.rules`][optaxclip.rules] do not). A threshold below 0 acts as 0, and a NaN one as
+    0 too: the update is zeroed.
     """
 
     init: Callable[[jax.Array], Any]
@@ -55,7 +56,13 @@ class ClipRule(NamedTuple):
 
 
 class RuleClipState(NamedTuple):
-    """State of :func:`clip_by_rule`: the rule's own state and what the last update did."""
+    """State of [`clip_by_rule`][optaxclip.clip_by_rule]: the rule's state and the last report.
+
+    Attributes:
+      rule_state: the state of the [`ClipRule`][optaxclip.ClipRule], as its ``update`` returned
+        it on the last finite step.
+      stats: what the last update did ([`ClipStats`][optaxclip.ClipStats]).
+    """
 
     rule_state: Any
     stats: ClipStats
@@ -143,7 +150,7 @@ def clip_by_rule(
     layout: Layout = None,
     name: str | None = None,
 ) -> optax.GradientTransformation:
-    """Clips to the threshold a :class:`ClipRule` sets from the norms seen so far.
+    """Clips to the threshold a [`ClipRule`][optaxclip.ClipRule] sets from the norms seen so far.
 
     With ``scope="global"`` the rule sees the global norm ``||g||`` and the gradient is
     multiplied by ``min(1, threshold / ||g||)``; with ``scope="per_leaf"`` it sees one norm
@@ -153,21 +160,23 @@ def clip_by_rule(
     collectives carry scalars or one value per leaf only.
 
     Args:
-      rule: a :class:`ClipRule`, such as one from :mod:`optaxclip.rules`.
+      rule: a [`ClipRule`][optaxclip.ClipRule], such as one from
+        [`optaxclip.rules`][optaxclip.rules].
       scope: ``"global"`` (one threshold for the whole gradient) or ``"per_leaf"``.
       ord: the norm's order: 1, 2 (the default, also given by None), ``inf`` or any real
         p >= 1.
       nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :func:`clip_by_global_norm`.
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) the gradient is split across.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"clip_by_rule"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"clip_by_rule"``).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`RuleClipState`:
-      ``rule_state`` and the :class:`ClipStats` of the last update (``threshold`` is the
-      threshold in effect, the smallest one per leaf).
+      An ``optax.GradientTransformation`` whose state is a
+      [`RuleClipState`][optaxclip.RuleClipState]: ``rule_state`` and the
+      [`ClipStats`][optaxclip.ClipStats] of the last update (``threshold`` is the threshold in
+      effect, the smallest one per leaf).
 
     Raises:
       TypeError: ``rule`` is not a ``ClipRule``; a non-float gradient leaf (names its path).

@@ -1,17 +1,20 @@
-"""Ready threshold rules for :func:`optaxclip.clip_by_rule`, public as ``optaxclip.rules``.
+"""Ready threshold rules for [`clip_by_rule`][optaxclip.clip_by_rule], as ``optaxclip.rules``.
 
-Each function returns a :class:`optaxclip.ClipRule`. The rules are written with
+Each function returns a [`ClipRule`][optaxclip.ClipRule]. The rules are written with
 broadcasting, so each serves both scopes: with ``scope="global"`` the state holds one value
 per statistic, with ``scope="per_leaf"`` one per leaf.
 
-* :func:`constant`: a number or a schedule ``step -> value`` (``clip_by_global_norm`` and
-  ``clip_by_leaf_norm``);
-* :func:`percentile`: the ``p``-th percentile of past norms (AutoClip);
-* :func:`quantile`: a threshold that tracks a quantile of the norms in log space (Andrew et
-  al.);
-* :func:`zscore`: the limit ZClip clips an outlier to, from an EMA of the mean and std;
-* :func:`ema_ratio`: a multiple of an EMA of past clipped norms (AdaGC, OLMo);
-* :func:`mean_std`: mean + k std of the last norms (Levanter's update-norm clipping).
+* [`constant`][optaxclip.rules.constant]: a number or a schedule ``step -> value``
+  (``clip_by_global_norm`` and ``clip_by_leaf_norm``);
+* [`percentile`][optaxclip.rules.percentile]: the ``p``-th percentile of past norms (AutoClip);
+* [`quantile`][optaxclip.rules.quantile]: a threshold that tracks a quantile of the norms in log
+  space (Andrew et al.);
+* [`zscore`][optaxclip.rules.zscore]: the limit ZClip clips an outlier to, from an EMA of the mean
+  and std;
+* [`ema_ratio`][optaxclip.rules.ema_ratio]: a multiple of an EMA of past clipped norms (AdaGC,
+  OLMo);
+* [`mean_std`][optaxclip.rules.mean_std]: mean + k std of the last norms (Levanter's update-norm
+  clipping).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def constant(value: Any) -> ClipRule:
       value: a number >= 0, or a callable ``step -> value`` (an Optax schedule).
 
     Returns:
-      A :class:`ClipRule` with an empty state.
+      A [`ClipRule`][optaxclip.ClipRule] with an empty state.
 
     Raises:
       ValueError: a negative or NaN number.
@@ -79,7 +82,7 @@ def constant(value: Any) -> ClipRule:
 
 
 class PercentileState(NamedTuple):
-    """State of :func:`percentile`: a ring buffer of past finite norms."""
+    """State of [`percentile`][optaxclip.rules.percentile]: a ring buffer of past finite norms."""
 
     history: jax.Array
     next_slot: jax.Array
@@ -116,8 +119,6 @@ def history_percentile(history: jax.Array, filled: jax.Array, percentile: Any) -
 def percentile(p: float = 10.0, history_size: int = 1000) -> ClipRule:
     """AutoClip's rule: the ``p``-th percentile of the norms seen so far, this one included.
 
-    ::
-
         history <- history + [norms]          (the last history_size finite steps)
         threshold = percentile(history, p)
 
@@ -129,7 +130,8 @@ def percentile(p: float = 10.0, history_size: int = 1000) -> ClipRule:
       history_size: how many past steps the percentile covers (>= 1).
 
     Returns:
-      A :class:`ClipRule` whose state is a :class:`PercentileState`.
+      A [`ClipRule`][optaxclip.ClipRule] whose state is a
+      [`PercentileState`][optaxclip.rules.PercentileState].
 
     Raises:
       ValueError: ``p`` outside [0, 100], ``history_size < 1``.
@@ -184,8 +186,6 @@ def quantile(
 ) -> ClipRule:
     """The rule of Andrew et al.: a threshold that settles at a quantile of the norms.
 
-    ::
-
         threshold = C_t
         b_t  = 1 if norm_t <= C_t else 0
         C_{t+1} = C_t * exp(-learning_rate * (b_t - target_quantile))
@@ -199,7 +199,8 @@ def quantile(
       initial_threshold: C_0 > 0.
 
     Returns:
-      A :class:`ClipRule` whose state is the threshold C (an array shaped like the norms).
+      A [`ClipRule`][optaxclip.ClipRule] whose state is the threshold C (an array shaped like the
+      norms).
 
     Raises:
       ValueError: ``target_quantile`` outside [0, 1], a negative ``learning_rate``, an
@@ -253,8 +254,6 @@ def zscore(
 ) -> ClipRule:
     """ZClip's rule: a norm that is an outlier against an EMA of its mean and std is clipped.
 
-    ::
-
         z = (norm - mu) / (sigma + eps);  spike = z > z_thresh        (after the warm-up)
         T = (mu + z_thresh**2 * sigma / z) * clip_factor              (T = mu for "mean")
         threshold = min(T, max_grad_norm) on a spike, else max_grad_norm
@@ -264,7 +263,7 @@ def zscore(
     with ``x = T`` on a spike, the norm otherwise; ``mode="percentile"`` has
     ``T = mu + z_thresh * sigma`` and ``spike = norm > T``. The first ``warmup_steps`` finite
     steps only collect norms; ``mu`` and ``sigma`` start as their mean and population std.
-    These are the statistics of :func:`optaxclip.zclip`, whose ``ClipStats.threshold`` is the
+    These are the statistics of [`zclip`][optaxclip.zclip], whose ``ClipStats.threshold`` is the
     spike boundary where this rule's is the limit clipped to.
 
     Args:
@@ -279,10 +278,11 @@ def zscore(
       eps: added to ``sigma`` in the z-score (>= 0).
 
     Returns:
-      A :class:`ClipRule` whose state is a NamedTuple ``(mean, std, warmup_norms, warmup_count)``.
+      A [`ClipRule`][optaxclip.ClipRule] whose state is a NamedTuple ``(mean, std, warmup_norms,
+      warmup_count)``.
 
     Raises:
-      ValueError, TypeError: as :func:`optaxclip.zclip`, naming ``rules.zscore``.
+      ValueError, TypeError: as [`zclip`][optaxclip.zclip], naming ``rules.zscore``.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -313,15 +313,13 @@ def zscore(
 def ema_ratio(relative_factor: float = 1.05, beta: float = 0.98) -> ClipRule:
     """A multiple of an EMA of past clipped norms: AdaGC's rule, OLMo's ``max_grad_norm_ratio``.
 
-    ::
-
         threshold = relative_factor * gamma             (+inf while gamma is 0: not set)
         gamma <- beta * gamma + (1 - beta) * min(norm, threshold)
 
     ``gamma`` starts at the first nonzero finite norm; a non-finite step changes nothing. Per
     leaf it is AdaGC's per-tensor rule after its warm-up, ``h_i = min(1, lambda_rel *
     gamma_i / ||g_i||)``, ``gamma_i <- beta * gamma_i + (1 - beta) * ||h_i g_i||`` (AdaGC-Global
-    in the global scope); :func:`optaxclip.adagc` adds a warm-up of global clipping that
+    in the global scope); [`adagc`][optaxclip.adagc] adds a warm-up of global clipping that
     starts ``gamma_i`` at the smallest clipped norm. OLMo's ``max_grad_norm_ratio=r`` is this
     rule per parameter with ``relative_factor=r``, ``beta=max(beta1, beta2)`` of its AdamW.
     Both scale by ``threshold / (norm + 1e-6)``; the scaling here is exact.
@@ -331,7 +329,7 @@ def ema_ratio(relative_factor: float = 1.05, beta: float = 0.98) -> ClipRule:
       beta: the EMA decay, in (0, 1).
 
     Returns:
-      A :class:`ClipRule` whose state is ``gamma`` (float32, shaped like the norms).
+      A [`ClipRule`][optaxclip.ClipRule] whose state is ``gamma`` (float32, shaped like the norms).
 
     Raises:
       ValueError: ``relative_factor <= 0``, ``beta`` outside (0, 1).
@@ -362,7 +360,10 @@ def ema_ratio(relative_factor: float = 1.05, beta: float = 0.98) -> ClipRule:
 
 
 class MeanStdState(NamedTuple):
-    """State of :func:`mean_std`: a ring buffer of the last finite norms, unclipped."""
+    """State of [`mean_std`][optaxclip.rules.mean_std]: a ring buffer of the last finite norms.
+
+    The norms are recorded unclipped.
+    """
 
     history: jax.Array
     next_slot: jax.Array
@@ -371,8 +372,6 @@ class MeanStdState(NamedTuple):
 
 def mean_std(k: float = 3.0, window: int = 128, min_history: int | None = None) -> ClipRule:
     """Levanter's update-norm rule: ``mean + k * std`` of the last norms, this one excluded.
-
-    ::
 
         threshold = mean(history) + k * max(std(history), 1e-6)   (+inf before min_history)
         history <- history + [norms]                              (the last window finite steps)
@@ -391,7 +390,8 @@ def mean_std(k: float = 3.0, window: int = 128, min_history: int | None = None) 
         (default) means Levanter's ``max(2, window // 2)``.
 
     Returns:
-      A :class:`ClipRule` whose state is a :class:`MeanStdState`.
+      A [`ClipRule`][optaxclip.ClipRule] whose state is a
+      [`MeanStdState`][optaxclip.rules.MeanStdState].
 
     Raises:
       ValueError: ``k < 0``, ``window < 2``, ``min_history`` outside [1, ``window``].

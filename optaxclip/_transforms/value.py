@@ -134,7 +134,8 @@ def clip_by_value(
     per-leaf value) and ``clipped_fraction`` = the fraction of elements clamped. They cost
     three reductions over the gradient (the two norms and the count), which small leaves
     sharing their bounds run together. On XLA:CPU each is a loop of its own, so this clip
-    costs more than ``optax.clip``, which reports nothing (see the performance page).
+    costs more than ``optax.clip``, which reports nothing (see the
+    [performance page](performance.md)).
 
     Args:
       max_delta: the upper bound (>= 0 when ``min_delta`` is None).
@@ -143,8 +144,8 @@ def clip_by_value(
       axis_name: inside ``shard_map``/``pmap``, the axis name(s) for the reported norms and
         fraction.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`clip_by_global_norm`.
-      name: label for :func:`clip_stats` (default ``"clip_by_value"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"clip_by_value"``).
 
     Returns:
       An ``optax.GradientTransformation``.

@@ -30,7 +30,7 @@ _LARGEST = float(jnp.finfo(jnp.float32).max)
 
 
 class ZClipState(NamedTuple):
-    """State of :func:`zclip`. All statistics are float32, counters int32.
+    """State of [`zclip`][optaxclip.zclip]. All statistics are float32, counters int32.
 
     Attributes:
       mean: the EMA of the gradient norm (meaningful once the warm-up is over).
@@ -39,7 +39,7 @@ class ZClipState(NamedTuple):
       warmup_norms: the finite norms seen during the warm-up (``warmup_steps`` slots).
       warmup_count: how many of them have been collected; the warm-up is over when it
         reaches ``warmup_steps``. Non-finite steps are not counted.
-      stats: what the last update did (:class:`ClipStats`).
+      stats: what the last update did ([`ClipStats`][optaxclip.ClipStats]).
     """
 
     mean: jax.Array
@@ -294,10 +294,10 @@ def zclip(
     * ``mode="zscore"``: ``z = (g - mu) / (sigma + eps) > z_thresh``. The gradient is then
       scaled to the norm ``T``:
 
-      - ``clip_option="adaptive_scaling"`` (the paper's "reciprocal" clipping):
-        ``T = (mu + z_thresh**2 * sigma / z) * clip_factor``; the larger the outlier, the
-        closer ``T`` is to ``mu``;
-      - ``clip_option="mean"``: ``T = mu``.
+        - ``clip_option="adaptive_scaling"`` (the paper's "reciprocal" clipping):
+          ``T = (mu + z_thresh**2 * sigma / z) * clip_factor``; the larger the outlier, the
+          closer ``T`` is to ``mu``;
+        - ``clip_option="mean"``: ``T = mu``.
 
     * ``mode="percentile"``: ``T = mu + z_thresh * sigma`` and the step is a spike when
       ``g > T`` (``clip_option`` is not used).
@@ -338,16 +338,17 @@ def zclip(
         ``None`` (default) disables it.
       skip_update_on_spike: if True, spikes do not update the statistics.
       eps: added to ``sigma`` in the z-score denominator (>= 0).
-      nonfinite: ``"propagate"`` (default), ``"zero"`` or ``"error"``; see
-        :mod:`optaxclip._engine.nonfinite`.
+      nonfinite: what a gradient holding NaN or Inf becomes: ``"propagate"`` (default)
+        passes it through unscaled, ``"zero"`` makes the update all zeros, ``"error"``
+        raises ``FloatingPointError`` naming the first non-finite leaf.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis name(s) the gradient is split
         across; the norm is then that of the whole gradient.
       layout: with ``axis_name``, the PartitionSpec of each leaf; see
-        :func:`optaxclip.clip_by_global_norm`.
-      name: label for :func:`optaxclip.clip_stats` (default ``"zclip"``).
+        [`clip_by_global_norm`][optaxclip.clip_by_global_norm].
+      name: label for [`clip_stats`][optaxclip.clip_stats] (default ``"zclip"``).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is a :class:`ZClipState`. Its
+      An ``optax.GradientTransformation`` whose state is a [`ZClipState`][optaxclip.ZClipState]. Its
       ``ClipStats.threshold`` is the norm above which the step counts as clipped: during the
       warm-up ``max_grad_norm`` (``inf`` without it); afterwards the spike boundary
       (``mu + z_thresh * (sigma + eps)`` in zscore mode, ``mu + z_thresh * sigma`` in
