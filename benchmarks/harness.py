@@ -311,73 +311,79 @@ class Member:
     temp_mib: float | None
 
 
-def time_interleaved(members: list[Member], *, reps: int, warmup: int) -> list[Timing]:
-    """Times several steps in alternation: round r calls every member once.
+def alternate(
+    calls: Sequence[Callable[[], float]], *, reps: int, warmup: int
+) -> tuple[list[float], list[list[float]]]:
+    """Runs several timed calls in alternation: round r makes every call once.
+
+    Each call runs one step and returns its own time in ms. Returns the time of each call's
+    first (untimed) run and, per call, its ``reps`` timed runs in round order.
 
     Each round takes its own order, a shuffle drawn from a fixed seed. Slow drifts of a
-    shared machine (other jobs, frequency changes) then hit every member alike, so the ratios
+    shared machine (other jobs, frequency changes) then hit every call alike, so the ratios
     of the medians are much steadier than those of separate runs. A shuffle rather than a
-    rotation: a rotation keeps the cyclic order, so each member always runs right after the
+    rotation: a rotation keeps the cyclic order, so each call always runs right after the
     same other one, and pays for what that one leaves behind (a step whose large temporaries
     the allocator has just returned to the system makes the next step fault its pages back
-    in, which a fixed order would charge to the same member every round).
+    in, which a fixed order would charge to the same call every round).
     """
     rng = random.Random(0)
-    first = []
-    for m in members:
-        out, ms = _call(m.compiled, m.args)
-        m.args = m.feed(m.args, out)
-        first.append(ms)
+    first = [call() for call in calls]
     for _ in range(warmup):
-        for m in members:
-            out, _ = _call(m.compiled, m.args)
-            m.args = m.feed(m.args, out)
-    times: list[list[float]] = [[] for _ in members]
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
     for _ in range(reps):
-        order = list(range(len(members)))
+        order = list(range(len(calls)))
         rng.shuffle(order)
         for i in order:
-            m = members[i]
+            times[i].append(calls[i]())
+    return first, times
+
+
+def time_interleaved(members: list[Member], *, reps: int, warmup: int) -> list[Timing]:
+    """Times several jitted steps in alternation (see :func:`alternate`)."""
+    _, timings = interleaved_samples(members, reps=reps, warmup=warmup)
+    return timings
+
+
+def interleaved_samples(
+    members: list[Member], *, reps: int, warmup: int
+) -> tuple[list[list[float]], list[Timing]]:
+    """Like :func:`time_interleaved`, and also the timed calls of each member, round by round."""
+
+    def caller(m: Member) -> Callable[[], float]:
+        def call() -> float:
             out, ms = _call(m.compiled, m.args)
             m.args = m.feed(m.args, out)
-            times[i].append(ms)
-    return [
+            return ms
+
+        return call
+
+    first, times = alternate([caller(m) for m in members], reps=reps, warmup=warmup)
+    timings = [
         _summary(t, 0.0, m.lower_s, m.compile_s, f, m.temp_mib)
         for t, m, f in zip(times, members, first, strict=True)
     ]
+    return times, timings
 
 
-def time_python(
-    step: Callable[[], None], *, reps: int, warmup: int, sync: Callable[[], None] | None = None
-) -> Timing:
-    """Times a Python callable (the PyTorch cases), same statistics as :func:`time_step`."""
+def python_caller(step: Callable[[], None], sync: Callable[[], None] | None = None):
+    """A call for :func:`alternate` that runs a Python step (the PyTorch cases) and times it."""
     sync = sync or (lambda: None)
-    start = time.perf_counter()
-    step()
-    sync()
-    first_call_ms = (time.perf_counter() - start) * 1e3
-    for _ in range(warmup):
-        step()
-        sync()
-    times = []
-    faults = _minor_faults()
-    for _ in range(reps):
+
+    def call() -> float:
         start = time.perf_counter()
         step()
         sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    faults = _minor_faults() - faults
-    return Timing(
-        median_ms=statistics.median(times),
-        min_ms=min(times),
-        max_ms=max(times),
-        n=reps,
-        lower_s=0.0,
-        compile_s=0.0,
-        first_call_ms=first_call_ms,
-        temp_mib=None,
-        faults_per_call=faults / max(reps, 1),
-    )
+        return (time.perf_counter() - start) * 1e3
+
+    return call
+
+
+def python_summary(times: list[float], first_ms: float) -> Timing:
+    """The statistics of a Python step's timed calls (no compile, no XLA figures)."""
+    return _summary(times, 0.0, 0.0, 0.0, first_ms, None)
 
 
 # --------------------------------------------------------------------------------------

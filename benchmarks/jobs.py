@@ -303,6 +303,11 @@ def paired_job(job: dict[str, Any]) -> None:
 
 
 def torch_job(job: dict[str, Any]) -> None:
+    """PyTorch's clip and optimizer ops on the job's tree, timed in alternation in one process.
+
+    The cases share the parameters and the gradients (a clip rescales the gradients in
+    place, which changes no case's work); each optimizer case has its own state.
+    """
     import harness
 
     spec = harness.tree_spec(job["tree"], job["scale"], **job.get("tree_args", {}))
@@ -323,63 +328,184 @@ def torch_job(job: dict[str, Any]) -> None:
         torch.nn.Parameter((torch.randn(s, generator=gen) * harness.PARAM_STD).to(dtype))
         for s in shapes
     ]
-    base_grads = [(torch.randn(s, generator=gen) * spec.grad_std).to(dtype) for s in shapes]
-
-    def reset_grads() -> None:
-        for p, g in zip(params, base_grads, strict=True):
-            p.grad = g.clone()
-
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen) * spec.grad_std).to(dtype)
     std = spec.grad_std
+
+    def make_step(name: str):
+        if name in ("torch:adam_fused", "torch:clip_norm+adam_fused"):
+            opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+            if name == "torch:adam_fused":
+                return opt.step
+
+            def clip_and_step() -> None:
+                torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+                opt.step()
+
+            return clip_and_step
+        if name == "torch:clip_norm":
+            return lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        if name == "torch:clip_value_foreach":
+            return lambda: torch.nn.utils.clip_grad_value_(params, std, foreach=True)
+        if name == "torch:clip_value_loop":
+            return lambda: torch.nn.utils.clip_grad_value_(params, std, foreach=False)
+        raise ValueError(name)
+
+    cases, calls = [], []
     for case in job["cases"]:
         emit({"event": "start", "id": case["id"]})
         try:
-            reset_grads()
-            name = case["method"]
-            if name in ("torch:adam_fused", "torch:clip_norm+adam_fused"):
-                opt = torch.optim.Adam(params, lr=1e-3, fused=True)
-                if name == "torch:adam_fused":
-
-                    def step(opt=opt) -> None:
-                        opt.step()
-
-                else:
-
-                    def step(opt=opt) -> None:
-                        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-                        opt.step()
-
-            elif name == "torch:clip_norm":
-
-                def step() -> None:
-                    torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-
-            elif name == "torch:clip_value_foreach":
-
-                def step() -> None:
-                    torch.nn.utils.clip_grad_value_(params, std, foreach=True)
-
-            elif name == "torch:clip_value_loop":
-
-                def step() -> None:
-                    torch.nn.utils.clip_grad_value_(params, std, foreach=False)
-
-            else:
-                raise ValueError(name)
-            with torch.no_grad():
-                timing = harness.time_python(step, reps=job["reps"], warmup=job["warmup"])
-            record = {
-                **common,
-                **case,
-                "status": "ok",
-                "timing": timing.as_dict(),
-                "torch_threads": torch.get_num_threads(),
-                "gbps": harness.gb_per_s(
-                    case["passes"], spec.n_params, spec.itemsize, timing.median_ms
-                ),
-            }
+            calls.append(harness.python_caller(make_step(case["method"])))
+            cases.append(case)
         except Exception as exc:
-            record = _error_record(case, common, exc)
+            emit({"event": "result", "id": case["id"], "record": _error_record(case, common, exc)})
+    if not cases:
+        return
+    try:
+        with torch.no_grad():
+            first, times = harness.alternate(calls, reps=job["reps"], warmup=job["warmup"])
+    except Exception as exc:
+        for case in cases:
+            emit({"event": "result", "id": case["id"], "record": _error_record(case, common, exc)})
+        return
+    for case, t, f in zip(cases, times, first, strict=True):
+        timing = harness.python_summary(t, f)
+        record = {
+            **common,
+            **case,
+            "status": "ok",
+            "alternated": True,
+            "timing": timing.as_dict(),
+            **_torch_threading(torch),
+            "gbps": harness.gb_per_s(
+                case["passes"], spec.n_params, spec.itemsize, timing.median_ms
+            ),
+        }
         emit({"event": "result", "id": case["id"], "record": record})
+
+
+def _torch_threading(torch: Any) -> dict[str, Any]:
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def _train_common(job: dict[str, Any], framework: str) -> tuple[Any, dict[str, Any]]:
+    import model
+
+    cfg = model.GPTConfig(**job["model"])
+    common = {
+        **job.get("common", {}),
+        "framework": framework,
+        "model": cfg.as_dict(),
+        "model_summary": cfg.summary(),
+        "n_params": cfg.n_params,
+        "n_leaves": cfg.n_leaves,
+    }
+    return cfg, common
+
+
+def _train_members(samples: list[list[float]], timings: list[Any], members: list[dict]):
+    """The members' records: timing, per-round samples and, against the first, the clip's cost."""
+    import model
+
+    out = []
+    for i, (member, t, timing) in enumerate(zip(members, samples, timings, strict=True)):
+        entry = {**member, "status": "ok", "timing": timing.as_dict(), "samples_ms": t}
+        if i > 0:
+            entry["cost"] = model.cost_fraction(t, samples[0])
+        out.append(entry)
+    return out
+
+
+def train_step_job(job: dict[str, Any]) -> None:
+    """Whole Flax NNX training steps (forward, backward, [clip], AdamW, apply), alternated.
+
+    The first member is AdamW alone, the baseline of every clip's cost.
+    """
+    import harness
+    import jax
+    import methods
+    import model
+    import optax
+    from flax import nnx
+
+    cfg, common = _train_common(job, "jax")
+    case = job["cases"][0]
+    emit({"event": "start", "id": case["id"]})
+    try:
+        graphdef, params = nnx.split(model.flax_model(cfg), nnx.Param)
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        shapes = tuple(((jax.tree_util.keystr(path),), tuple(leaf.shape)) for path, leaf in flat)
+        spec = harness.TreeSpec("gpt", "float32", shapes, cfg.summary())
+        batches = model.flax_batches(cfg)
+        compiled, kept, skipped = [], [], []
+        for member in case["members"]:
+            tx = optax.adamw(model.LEARNING_RATE, weight_decay=model.WEIGHT_DECAY)
+            if member.get("method"):
+                method = methods.method_by_key(member["method"])
+                if method.factory is None:
+                    skipped.append({**member, "status": "skipped", "reason": method.missing})
+                    continue
+                tx = optax.chain(method.factory(spec), tx)
+            step, donate, feed = model.flax_train_step(graphdef, tx, batches)
+            p = harness.fresh_copy(params)
+            args = (p, harness.fresh_copy(tx.init(p)), batches[0])
+            fn, lower_s, compile_s, temp = harness.compile_step(step, args, donate)
+            compiled.append(harness.Member(fn, args, feed, lower_s, compile_s, temp))
+            kept.append(member)
+        samples, timings = harness.interleaved_samples(
+            compiled, reps=job["reps"], warmup=job["warmup"]
+        )
+        results = _train_members(samples, timings, kept)
+        for entry, member in zip(results, compiled, strict=True):
+            entry["last_pre_clip_norm"] = model.last_pre_clip_norm(member.args[1])
+        del compiled
+        record = {**common, "id": case["id"], "status": "ok", "members": results + skipped}
+    except Exception as exc:
+        record = _error_record({"id": case["id"]}, common, exc)
+    emit({"event": "result", "id": case["id"], "record": record})
+
+
+def train_step_torch_job(job: dict[str, Any]) -> None:
+    """The same model and steps in PyTorch: AdamW(fused) with and without clip_grad_norm_."""
+    import harness
+    import model
+
+    cfg, common = _train_common(job, "torch")
+    case = job["cases"][0]
+    emit({"event": "start", "id": case["id"]})
+    try:
+        import torch
+    except ImportError as exc:
+        record = {**common, "id": case["id"], "status": "skipped", "reason": f"no torch: {exc}"}
+        emit({"event": "result", "id": case["id"], "record": record})
+        return
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        sync = torch.cuda.synchronize if device == "cuda" else None
+        members = case["members"]
+        steps = [
+            model.torch_train_step(cfg, clip=bool(m.get("method")), device=device) for m in members
+        ]
+        calls = [harness.python_caller(step, sync) for step, _ in steps]
+        first, samples = harness.alternate(calls, reps=job["reps"], warmup=job["warmup"])
+        timings = [harness.python_summary(t, f) for t, f in zip(samples, first, strict=True)]
+        results = _train_members(samples, timings, members)
+        for entry, (_, last_norm) in zip(results, steps, strict=True):
+            entry["last_pre_clip_norm"] = last_norm()
+        record = {
+            **common,
+            "id": case["id"],
+            "status": "ok",
+            "device": device,
+            **_torch_threading(torch),
+            "members": results,
+        }
+    except Exception as exc:
+        record = _error_record({"id": case["id"]}, common, exc)
+    emit({"event": "result", "id": case["id"], "record": record})
 
 
 def _state_like(tx: Any, tree: Any) -> Any:
@@ -470,18 +596,30 @@ JOBS = {
     "steps": steps_job,
     "paired": paired_job,
     "torch": torch_job,
+    "train_step": train_step_job,
+    "train_step_torch": train_step_torch_job,
     "compile": compile_job,
 }
 
 
+# PyTorch's OpenMP threads spin while they wait for work by default. When other processes
+# share the cores, the spinning threads take the time the working one needs, and PyTorch's
+# steps run several times slower than alone; threads that wait passively do not. Set before
+# PyTorch loads its OpenMP runtime; a value already in the environment is kept (and recorded).
+TORCH_OMP_WAIT_POLICY = "PASSIVE"
+TORCH_JOBS = ("torch", "train_step_torch")
+
+
 def child_main(spec: str) -> None:
     job = json.loads(spec)
+    if job["kind"] in TORCH_JOBS:
+        os.environ.setdefault("OMP_WAIT_POLICY", TORCH_OMP_WAIT_POLICY)
     if any(case.get("mesh", "none") != "none" for case in job.get("cases", [])):
         # Before JAX starts: the meshes need 8 devices, which a CPU host provides on request.
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
-    if job["kind"] != "torch":
+    if job["kind"] not in TORCH_JOBS:
         import harness
 
         job["common"] = {**job.get("common", {}), "device": harness.device_description()}

@@ -334,6 +334,8 @@ def paired_tables(records: list[dict[str, Any]], section: str) -> str:
         for group, base_key in (
             ("chain", (None, "optimizer")),
             ("clip", ("optaxclip:global", "clip")),
+            ("chain-other", (None, "optimizer")),
+            ("clip-other", ("optaxclip:global", "clip")),
         ):
             rec = next(
                 (
@@ -350,7 +352,8 @@ def paired_tables(records: list[dict[str, Any]], section: str) -> str:
                 continue
             members = _paired(records, section, tree, group)
             base = _median(members.get(base_key))
-            what = "x optimizer alone" if group == "chain" else "x optaxclip global clip"
+            chain = group.startswith("chain")
+            what = "x optimizer alone" if chain else "x optaxclip global clip"
             parts.append(f"#### {rec['tree_summary']}: {group}, timed in alternation\n")
             parts.append(f"| step | ms median (min-max) | {what} | GB/s (frac rw / ro) |")
             parts.append("|---|---|---|---|")
@@ -446,7 +449,7 @@ def targets_table(records: list[dict[str, Any]]) -> str:
                         f"is this run's noise | {section}/{tree} [alternating] | {again:.3f}x "
                         "| - |"
                     )
-            adaptive_families = ("autoclip", "zclip", "adagc", "quantile_clip")
+            adaptive_families = ADAPTIVE_FAMILIES
             adaptive = [
                 r
                 for r in records
@@ -607,107 +610,279 @@ def render(results: dict[str, Any]) -> str:
             lines += [f"**{title}: comparisons timed in alternation**", "", paired, ""]
     torch = torch_tables(records)
     if torch.strip():
-        lines += ["**PyTorch (CPU)**", "", torch, ""]
+        lines += ["**PyTorch** (its ops timed in alternation)", "", torch, ""]
+    train = train_step_table(records)
+    if train:
+        lines += ["**In a real training step**", "", train, ""]
     compile_md = compile_table(records)
     if compile_md:
         lines += ["**Compile time (s)**", "", compile_md, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _chain_ratio(pchain: dict, idx: dict, tree: str, key: str) -> str:
-    """chain(key, optimizer) / optimizer alone, from the alternating run when there is one."""
-    if pchain and (key, "chain") in pchain:
-        value = _ratio(_median(pchain[(key, "chain")]), _median(pchain.get((None, "optimizer"))))
-        return f"{_fmt(value)}x (alt.)"
-    value = _ratio(
-        _median(idx.get((tree, key, "chain"))), _median(idx.get((tree, None, "optimizer")))
-    )
-    return f"{_fmt(value)}x"
+# Optax's equivalent of each of our clippers, for the "÷ Optax's" columns.
+OPTAX_EQUIVALENT = {
+    "optaxclip:global": "optax:global",
+    "optaxclip:value": "optax:value",
+    "optaxclip:block_rms": "optax:block_rms",
+    "optaxclip:agc": "optax:agc",
+}
+# The local variants the page shows beside the clippers: the run's noise and the floor.
+PAGE_VARIANTS = ("variant:global_again", "variant:norm_beside")
+ADAPTIVE_FAMILIES = ("autoclip", "zclip", "adagc", "quantile_clip")
+
+TRAIN_BEGIN = "<!-- BEGIN TRAIN STEP TABLE (written by benchmarks/run.py) -->"
+TRAIN_END = "<!-- END TRAIN STEP TABLE -->"
+COMPILE_BEGIN = "<!-- BEGIN COMPILE TABLE (written by benchmarks/run.py) -->"
+COMPILE_END = "<!-- END COMPILE TABLE -->"
 
 
-def _alone_cell(idx: dict, tree: str, key: str, refs: dict[str, Any]) -> str:
-    r = idx.get((tree, key, "clip"))
-    if r is None or r.get("status") != "ok":
-        return "-"
-    return f"{_median(r):.1f} ms, {_fmt(_ratio(r.get('gbps'), refs.get('rw')))}"
-
-
-def headline_table(records: list[dict[str, Any]]) -> str:
-    """One row per tree: Adam alone, the global clip chained with it (ours, Optax's, PyTorch's)."""
-    refs = bandwidth_refs(records)
+def train_step_table(records: list[dict[str, Any]]) -> str:
+    """The train_step section: each whole step, and the clip's share of it."""
+    rows = [r for r in records if r.get("section") == "train_step"]
+    if not rows:
+        return ""
     out = [
-        "| tree | Adam + apply (ms) | chain(optaxclip global clip, Adam) | chain(optax global clip, Adam) "
-        "| optaxclip clip alone: ms, frac of rw peak | optax clip alone | PyTorch clip_grad_norm_ + "
-        "Adam(fused), x Adam(fused) |",
-        "|---|---|---|---|---|---|---|",
+        "| training step | framework | ms, median | clip's share of the step: median "
+        "(95% interval) |",
+        "|---|---|---|---|",
     ]
-    rows = 0
-    for section in ("steps", "gpu"):
-        idx = _index(records, section)
-        for tree in _trees(records, section):
-            pchain = _paired(records, section, tree, "chain")
+    summary = next((r["model_summary"] for r in rows if r.get("model_summary")), "?")
+    rounds = None
+    where, norms = [], []
+    for r in rows:
+        framework = "PyTorch" if r.get("framework") == "torch" else "Flax NNX + Optax"
+        threads = ""
+        if r.get("framework") == "torch" and r.get("torch_threads"):
+            policy = r.get("omp_wait_policy") or "default"
+            threads = f", {r['torch_threads']} threads, OMP_WAIT_POLICY {policy}"
+        where.append(f"{framework} on {r.get('device', '?')}{threads}")
+        seen = [m for m in r.get("members", []) if m.get("last_pre_clip_norm") is not None]
+        if seen:
+            norms.append(f"{seen[0]['last_pre_clip_norm']:.0f} ({framework})")
+        if r.get("status") != "ok":
+            out.append(f"| - | {framework} | {r.get('status')}: {r.get('reason')} | - |")
+            continue
+        for m in r["members"]:
+            if m.get("status") != "ok":
+                out.append(
+                    f"| {m['label']} | {framework} | {m.get('status')}: {m.get('reason')} | - |"
+                )
+                continue
+            share = "-"
+            if "cost" in m:
+                c = m["cost"]
+                rounds = c["rounds"]
+                share = f"{c['median']:+.1%} ({c['low']:+.1%} to {c['high']:+.1%})"
+            out.append(f"| {m['label']} | {framework} | {_median(m):.1f} | {share} |")
+    out.append("")
+    out.append(
+        f"Model: {summary}; float32; {', '.join(where)}. The steps of each framework were "
+        f"timed in alternation, {rounds or '?'} rounds. The share is "
+        "(t_with_clip - t_AdamW_alone) / t_with_clip, one value per round; the interval is a "
+        "distribution-free 95% confidence interval of its median. The A/A control is AdamW "
+        "alone timed as a second step: its share is the run's noise."
+        + (
+            f" The gradient's global norm on the last step: {', '.join(norms)}, so a clip at "
+            "1 acts on every step."
+            if norms
+            else ""
+        )
+    )
+    return "\n".join(out)
 
-            opt = _median(idx.get((tree, None, "optimizer")))
-            torch = {
-                r["method"]: r for r in records if r["section"] == "torch" and r.get("tree") == tree
-            }
-            t_ratio = _ratio(
-                _median(torch.get("torch:clip_norm+adam_fused")),
-                _median(torch.get("torch:adam_fused")),
-            )
-            summary = next(
-                (
-                    r["tree_summary"]
-                    for r in records
-                    if r.get("tree") == tree and r.get("tree_summary")
-                ),
-                tree,
-            )
-            label = summary if section == "steps" else f"{summary} (GPU, AdamW)"
-            out.append(
-                f"| {label} | {_fmt(opt)} | {_chain_ratio(pchain, idx, tree, 'optaxclip:global')} "
-                f"| {_chain_ratio(pchain, idx, tree, 'optax:global')} "
-                f"| {_alone_cell(idx, tree, 'optaxclip:global', refs)} "
-                f"| {_alone_cell(idx, tree, 'optax:global', refs)} "
-                f"| {_fmt(t_ratio)}{'x' if t_ratio else ''} |"
-            )
-            rows += 1
-    return "\n".join(out) if rows else ""
+
+def _member(group: dict, key: str | None, mode: str) -> dict[str, Any] | None:
+    return group.get((key, mode))
 
 
-def render_summary(results: dict[str, Any], full_report: str | None = None) -> str:
-    """The short form for docs/performance.md: headline, targets, compile time."""
-    records = results["records"]
+def _times(a: dict | None, b: dict | None, digits: int = 2) -> str:
+    value = _ratio(_median(a), _median(b))
+    return "-" if value is None else f"{value:.{digits}f}x"
+
+
+def _groups(records: list[dict[str, Any]], section: str, tree: str | None, kind: str):
+    """The alternated groups of ``kind`` ("chain" or "clip") on ``tree``, each as a dict."""
+    if tree is None:
+        return []
+    found = [_paired(records, section, tree, g) for g in (kind, f"{kind}-other")]
+    return [g for g in found if g]
+
+
+def _pair(groups: list[dict], key: str, mode: str, base: tuple) -> tuple[Any, Any, Any]:
+    """(member, its group's baseline, its Optax equivalent in the same group) for ``key``."""
+    for g in groups:
+        if (key, mode) in g:
+            theirs = OPTAX_EQUIVALENT.get(key)
+            return g[(key, mode)], g.get(base), g.get((theirs, mode)) if theirs else None
+    return None, None, None
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """The page's table: every clipper on the transformer tree, against Adam and Optax.
+
+    Every ratio comes from steps timed in alternation in one process (a ratio and its
+    baseline always come from the same group); the PyTorch row from PyTorch's ops timed in
+    alternation with each other.
+    """
+    section = "steps" if _trees(records, "steps") else "gpu"
+    trees = _trees(records, section)
+    f32 = next((t for t in trees if t == "transformer"), trees[0] if trees else None)
+    bf16 = next((t for t in trees if t.endswith("bf16")), None)
+    chain, clip = _groups(records, section, f32, "chain"), _groups(records, section, f32, "clip")
+    chain16 = _groups(records, section, bf16, "chain")
+    if not chain:
+        return ""
+    optimizer = (None, "optimizer")
+    adam = chain[0].get(optimizer)
+    opt = next((r["optimizer"] for r in records if r.get("section") == section), "adam")
+    name = {"adam": "Adam", "adamw": "AdamW"}.get(opt, opt)
+    out = [
+        f"| step | with {name}: x {name} alone | with {name}: x Optax's equivalent "
+        f"| clip alone: ms | clip alone: x Optax's equivalent "
+        f"| bfloat16, with {name}: x {name} alone |",
+        "|---|---|---|---|---|---|",
+        f"| `optax.{opt}` + `apply_updates`, no clip | 1.00x | - | - | - "
+        f"| {'1.00x' if chain16 else '-'} |",
+    ]
+    labels: dict[str, str] = {}
+    families: dict[str, str] = {}
+    keys: list[str] = []
+    for g in chain:
+        for (key, mode), m in g.items():
+            if key and mode == "chain" and key not in keys:
+                keys.append(key)
+                labels[key], families[key] = m["label"], m.get("family", "")
+    clippers = [k for k in keys if not k.startswith("variant:")]
+    # The global clip first, the adaptive clippers (built on it) last.
+    clippers.sort(key=lambda k: (families[k] != "global", families[k] in ADAPTIVE_FAMILIES))
+    keys = clippers + [k for k in PAGE_VARIANTS if k in keys]
+    for key in keys:
+        ours_chain, base, theirs_chain = _pair(chain, key, "chain", optimizer)
+        ours_clip, _, theirs_clip = _pair(clip, key, "clip", optimizer)
+        ours16, base16, _ = _pair(chain16, key, "chain", optimizer)
+        label = labels[key]
+        label = f"reference: {label}" if key.startswith("variant:") else f"`{label}`"
+        out.append(
+            f"| {label} | {_times(ours_chain, base)} "
+            f"| {_times(ours_chain, theirs_chain) if theirs_chain else '-'} "
+            f"| {_fmt(_median(ours_clip), 1)} "
+            f"| {_times(ours_clip, theirs_clip) if theirs_clip else '-'} "
+            f"| {_times(ours16, base16)} |"
+        )
+    torch = {r["method"]: r for r in records if r["section"] == "torch" and r.get("tree") == f32}
+    torch16 = {r["method"]: r for r in records if r["section"] == "torch" and r.get("tree") == bf16}
+    if torch.get("torch:adam_fused", {}).get("status") == "ok":
+        out.append(
+            "| PyTorch `clip_grad_norm_(1.0, foreach=True)` + `Adam(fused=True)` "
+            f"| {_times(torch.get('torch:clip_norm+adam_fused'), torch.get('torch:adam_fused'))} "
+            "(x `Adam(fused=True)` alone) | - "
+            f"| {_fmt(_median(torch.get('torch:clip_norm')), 1)} | - "
+            f"| {_times(torch16.get('torch:clip_norm+adam_fused'), torch16.get('torch:adam_fused'))}"
+            " |"
+        )
+    summary = next((r["tree_summary"] for r in records if r.get("tree") == f32), f32)
+    ms = _fmt(_median(adam), 1)
+    ms_torch = _fmt(_median(torch.get("torch:adam_fused")), 1)
+    notes = [
+        "",
+        f"Tree: {summary}. {name} alone took {ms} ms per step"
+        + (f" (PyTorch's fused Adam {ms_torch} ms)" if torch else "")
+        + '. "x" is a ratio of medians of steps timed in alternation in one process; '
+        '"-": no equivalent, or not measured. sigma is the gradients\' standard deviation, c '
+        "half the average norm of a leaf, so every clipper clips on every step."
+        + _torch_note(torch.get("torch:adam_fused")),
+    ]
+    return "\n".join(out + notes)
+
+
+def _torch_note(record: dict[str, Any] | None) -> str:
+    if not record or record.get("status") != "ok" or not record.get("torch_threads"):
+        return ""
+    policy = record.get("omp_wait_policy") or "default"
+    return f" PyTorch: {record['torch_threads']} threads, OMP_WAIT_POLICY {policy}."
+
+
+def compile_page_table(records: list[dict[str, Any]]) -> str:
+    """Compile seconds at the largest leaf count of the run, against Optax's and Adam's."""
+    leaves = sorted({r["n_leaves"] for r in records if r["section"] == "compile"})
+    if not leaves:
+        return ""
+    n = 2000 if 2000 in leaves else leaves[-1]
+    cidx = _compile_index(records)
+    adam = cidx.get(("optimizer", "optimizer", n))
+    out = [
+        f"| step, {n} leaves of (32, 32) float32 | lower + compile, s: median (range) "
+        "| x Optax's equivalent | x Adam alone |",
+        "|---|---|---|---|",
+    ]
+    seen: list[tuple[str, str, str]] = []
+    for r in records:
+        if r["section"] == "compile" and r["n_leaves"] == n and r.get("mesh", "none") == "none":
+            key = (_compile_method(r), r["mode"], r.get("label", r.get("method")))
+            if key not in seen:
+                seen.append(key)
+    for method, mode, label in seen:
+        here = cidx.get((method, mode, n))
+        theirs = OPTAX_EQUIVALENT.get(method)
+        other = cidx.get((theirs, mode, n)) if theirs else None
+        vs_optax = vs_adam = "-"
+        if here and here.get("status") == "ok":
+            if other and other.get("status") == "ok":
+                vs_optax = f"{here['total_s'] / other['total_s']:.2f}x"
+            if adam and adam.get("status") == "ok" and mode != "clip":
+                vs_adam = f"{here['total_s'] / adam['total_s']:.2f}x"
+        out.append(f"| {label} | {_compile_cell(here)} | {vs_optax} | {vs_adam} |")
+    repeats = max((r.get("repeat", 0) for r in records if r["section"] == "compile"), default=0)
+    out.append("")
+    out.append(
+        f"Each point: a fresh process, {repeats + 1} per case, the cases in alternation; "
+        "chains are `chain(clip, adam)` + `apply_updates`."
+    )
+    return "\n".join(out)
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    """The machine, the versions, the load and the command of a run, in one paragraph."""
     meta = results.get("meta", {})
     host = meta.get("host", {})
-    device = next((r["device"] for r in records if r.get("device")), "?")
-    lines = [
-        f"Measured {meta.get('finished', '?')} on {host.get('cpu', '?')} "
-        f"({host.get('cpu_count', '?')} cores, {device}), jax {host.get('jax', '?')}, optax "
-        f"{host.get('optax', '?')}; load average {_load(host.get('loadavg_start'))} at the "
-        f"start, {_load(meta.get('loadavg_end'))} at the end. Command: "
-        f"`{meta.get('command', '?')}`.",
-        "",
-    ]
-    refs = bandwidth_refs(records)
-    if refs.get("rw"):
-        lines += [
-            f"Reference bandwidth in the same run: read+write {refs['rw']:.1f} GB/s, read-only "
-            f"{_fmt(refs['read'], 1)} GB/s.",
-            "",
-        ]
-    head = headline_table(records)
-    if head:
-        lines += [head, "", "(alt.) = timed in alternation with Adam alone.", ""]
-    targets = targets_table(records)
-    if targets.count("\n") > 1:
-        lines += ["Targets (reported, not asserted):", "", targets, ""]
-    compile_md = compile_table(records)
+    records = results["records"]
+    device = next((r["device"] for r in records if r.get("device", "").startswith("cpu")), None)
+    device = device or next((r["device"] for r in records if r.get("device")), "?")
+    versions = ", ".join(
+        f"{pkg} {host[pkg]}" for pkg in ("jax", "jaxlib", "optax", "flax", "torch") if pkg in host
+    )
+    wall = meta.get("wall_s")
+    took = f", {wall / 60:.0f} minutes" if wall else ""
+    samples = [load for _, load in meta.get("loadavg_1min_samples", [])]
+    during = ""
+    if samples:
+        during = (
+            f"; 1-minute load average during the run: median {statistics.median(samples):.1f}, "
+            f"max {max(samples):.1f}"
+        )
+    return (
+        f"Run of {meta.get('started', '?')}{took}: `{meta.get('command', '?')}` on "
+        f"{host.get('cpu', '?')} ({host.get('cpu_count', '?')} cores, JAX device {device}); "
+        f"{versions}. Load average (1/5/15 min) {_load(host.get('loadavg_start'))} at the start, "
+        f"{_load(meta.get('loadavg_end'))} at the end{during}."
+    )
+
+
+def page_blocks(results: dict[str, Any]) -> dict[tuple[str, str], str]:
+    """The generated blocks of docs/performance.md, by their (begin, end) markers."""
+    records = results["records"]
+    blocks = {}
+    table = results_table(records)
+    head = machine_line(results)
+    blocks[(DOCS_BEGIN, DOCS_END)] = head + "\n\n" + (table or "No steps section in this run.")
+    train = train_step_table(records)
+    if train:
+        blocks[(TRAIN_BEGIN, TRAIN_END)] = train
+    compile_md = compile_page_table(records)
     if compile_md:
-        lines += ["Compile time, seconds:", "", compile_md, ""]
-    if full_report:
-        lines += [f"All tables: `{full_report}`."]
-    return "\n".join(lines).rstrip() + "\n"
+        blocks[(COMPILE_BEGIN, COMPILE_END)] = compile_md
+    return blocks
 
 
 def _load(x: Any) -> str:
@@ -716,13 +891,15 @@ def _load(x: Any) -> str:
     return "/".join(f"{v:.1f}" for v in x)
 
 
-def write_docs(path: str, markdown: str) -> None:
-    """Replaces the block between the markers in ``path`` with ``markdown``."""
+def write_docs(path: str, blocks: dict[tuple[str, str], str]) -> None:
+    """Replaces the text between each pair of markers in ``path`` with its block."""
     with open(path) as f:
         text = f.read()
-    if DOCS_BEGIN not in text or DOCS_END not in text:
-        raise SystemExit(f"{path} has no benchmark-table markers")
-    head, rest = text.split(DOCS_BEGIN, 1)
-    _, tail = rest.split(DOCS_END, 1)
+    for (begin, end), markdown in blocks.items():
+        if begin not in text or end not in text:
+            raise SystemExit(f"{path} has no markers {begin!r} ... {end!r}")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + begin + "\n\n" + markdown.rstrip() + "\n\n" + end + tail
     with open(path, "w") as f:
-        f.write(head + DOCS_BEGIN + "\n\n" + markdown + "\n" + DOCS_END + tail)
+        f.write(text)

@@ -1,14 +1,17 @@
 """optaxclip benchmark suite: one command, JSON + markdown results.
 
-    python benchmarks/run.py                 # full CPU suite (long: see docs/performance.md)
+    python benchmarks/run.py                 # the headline CPU run (about half an hour)
+    python benchmarks/run.py --full          # every tree, every method, compile to 5000 leaves
     python benchmarks/run.py --quick         # smoke run, a few minutes
     python benchmarks/run.py --gpu           # clip + AdamW on a 1B-parameter tree (GPU)
     python benchmarks/run.py --report benchmarks/results/suite.json   # print the tables again
 
 Sections (``--sections``): bandwidth (reference memory bandwidth), steps (every clipper
 alone and chained with Adam, against Adam alone and Optax's equivalents, on each tree), torch
-(PyTorch on CPU), compile (lower + compile against the number of leaves, one fresh process
-per point). ``--gpu`` runs bandwidth and gpu instead. Results go to ``--out``/results/.
+(PyTorch's clip and Adam on the same trees), train_step (whole training steps of a small
+GPT-like model in Flax NNX and in PyTorch, with and without the clip), compile (lower +
+compile against the number of leaves, one fresh process per point). ``--gpu`` runs
+bandwidth, gpu and train_step. Results go to ``--out``/results/.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 TREES = ("transformer", "many_small", "single", "transformer_bf16")
+# The headline run: every method on the float32 transformer tree, the global clip in bfloat16.
+DEFAULT_TREES = "transformer,transformer_bf16:global"
+# The clippers of the train_step section, each chained with AdamW; AdamW alone is the baseline.
+TRAIN_METHODS = ("optaxclip:global", "optax:global", "optaxclip:zclip", "optaxclip:autoclip")
 TORCH_CASES = (
     ("torch:adam_fused", "optimizer", 7, "Adam(fused=True).step"),
     ("torch:clip_norm+adam_fused", "chain", 8, "clip_grad_norm_(1.0, foreach=True) + Adam(fused)"),
@@ -43,21 +50,34 @@ BANDWIDTH_KERNELS = (
 )
 # The GPU tree: the transformer shapes at 20x the CPU size, about 1.02B parameters.
 GPU_BASE_SCALE = 20.0
+DOCS_PAGE = os.path.join(ROOT, "docs", "performance.md")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small smoke run (a few minutes)")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="every tree and method, compile of every family at 100-5000 leaves (hours)",
+    )
     p.add_argument("--gpu", action="store_true", help="GPU mode: clip + AdamW, 1B params")
     p.add_argument(
         "--out", default=HERE, help="folder that receives results/ (default: benchmarks/)"
     )
     p.add_argument("--tag", default=None, help="results file name stem (default: suite/quick/gpu)")
     p.add_argument(
-        "--sections", default=None, help="comma list of bandwidth,steps,torch,compile,gpu"
+        "--sections",
+        default=None,
+        help="comma list of bandwidth,steps,torch,train_step,compile,gpu",
     )
     p.add_argument("--scale", type=float, default=None, help="multiplies the parameter counts")
-    p.add_argument("--trees", default=None, help=f"comma list of {','.join(TREES)}")
+    p.add_argument(
+        "--trees",
+        default=None,
+        help=f"comma list of {','.join(TREES)}; tree:fam1+fam2 limits that tree's method "
+        f"families (default {DEFAULT_TREES})",
+    )
     p.add_argument("--methods", default=None, help="comma list of method families (default all)")
     p.add_argument("--reps", type=int, default=None, help="timed calls per case (default 21)")
     p.add_argument(
@@ -75,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="transformer blocks (default 16)")
     p.add_argument("--small-leaves", type=int, default=None, help="leaves of many_small (2000)")
     p.add_argument("--case-timeout", type=float, default=None, help="seconds per timed case")
+    p.add_argument(
+        "--train-reps",
+        type=int,
+        default=None,
+        help="rounds of the train_step section's steps timed in alternation (default 101)",
+    )
+    p.add_argument(
+        "--train-model",
+        default=None,
+        help="size of the train_step model: tiny, small (CPU default) or gpt2 (GPU default)",
+    )
     p.add_argument("--compile-leaves", default=None, help="e.g. 100,1000,2000,5000")
     p.add_argument(
         "--compile-mesh",
@@ -88,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--compile-repeats",
         type=int,
-        default=1,
+        default=None,
         help="fresh processes per compile point, cases alternated; the tables show the median",
     )
     p.add_argument(
@@ -111,12 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--write-docs",
         action="store_true",
-        help="write the summary (headline, targets, compile) into docs/performance.md",
+        help="write the page's tables (results, training step, compile) into "
+        "docs/performance.md, between its markers",
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.compile_repeats < 1:
-        p.error(f"--compile-repeats must be at least 1, got {args.compile_repeats}")
+    import model
 
     defaults: dict[str, Any] = {
         "scale": 1.0,
@@ -126,13 +157,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "layers": 16,
         "small_leaves": 2000,
         "case_timeout": 1800.0,
-        "compile_leaves": "100,1000,2000,5000",
+        "compile_leaves": "2000",
         "compile_timeout": 300.0,
-        "compile_methods": None,
-        "trees": ",".join(TREES),
-        "sections": "bandwidth,steps,torch,compile",
+        "compile_methods": "global",
+        "compile_repeats": 3,
+        "trees": DEFAULT_TREES,
+        "train_model": "small",
+        "train_reps": 101,
+        "sections": "bandwidth,steps,torch,train_step,compile",
         "tag": "suite",
     }
+    if args.full:
+        defaults.update(
+            trees=",".join(TREES),
+            compile_leaves="100,1000,2000,5000",
+            compile_methods="",
+            compile_repeats=1,
+            tag="full",
+        )
     if args.quick:
         defaults.update(
             scale=0.02,
@@ -145,19 +187,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             compile_leaves="100,300",
             compile_timeout=120.0,
             compile_methods="global",
-            trees="transformer,transformer_bf16",
+            compile_repeats=1,
+            trees="transformer,transformer_bf16:global",
+            train_model="tiny",
+            train_reps=5,
             tag="quick",
         )
     if args.gpu:
         defaults.update(
             trees="transformer,transformer_bf16",
-            sections="bandwidth,gpu",
+            sections="bandwidth,gpu,train_step",
             methods="global",
+            train_model="gpt2" if not args.quick else "tiny",
             tag="gpu" if not args.quick else "gpu_quick",
         )
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    if args.compile_repeats < 1:
+        p.error(f"--compile-repeats must be at least 1, got {args.compile_repeats}")
+    if args.train_model not in model.TRAIN_MODELS:
+        p.error(f"--train-model: one of {', '.join(model.TRAIN_MODELS)}, got {args.train_model!r}")
+    if args.train_reps < 1:
+        p.error(f"--train-reps must be at least 1, got {args.train_reps}")
     if args.paired_reps < 1:
         p.error(f"--paired-reps must be at least 1, got {args.paired_reps}")
     if args.paired_only and args.no_paired:
@@ -167,6 +219,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _families(text: str | None) -> list[str] | None:
     return None if not text else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _tree_plan(text: str) -> list[tuple[str, list[str] | None]]:
+    """``tree[:fam1+fam2],...`` as (tree, families or None for --methods)."""
+    plan = []
+    for item in _families(text) or []:
+        tree, _, fams = item.partition(":")
+        if tree not in TREES:
+            raise SystemExit(f"--trees: unknown tree {tree!r}; known: {', '.join(TREES)}")
+        plan.append((tree, [f for f in fams.split("+") if f] if fams else None))
+    return plan
 
 
 def log(msg: str) -> None:
@@ -180,6 +243,14 @@ def _record_line(r: dict[str, Any]) -> str:
         return f"{where} {what} [{r.get('mode', '')}]: {r.get('status')}: {r.get('reason')}"
     if "total_s" in r:
         return f"{where} {what} [{r['mode']}]: {r['total_s']:.2f} s"
+    if r.get("section") == "train_step":
+        parts = [
+            f"{m['label']} {m['timing']['median_ms']:.1f} ms"
+            + (f" (cost {m['cost']['median']:+.1%})" if "cost" in m else "")
+            for m in r["members"]
+            if m.get("status") == "ok"
+        ]
+        return f"train step [{r['framework']}], alternating: " + ", ".join(parts)
     if "members" in r:
         parts = [
             f"{m.get('method') or m['mode']}[{m['mode']}] {m['timing']['median_ms']:.2f} ms"
@@ -205,7 +276,10 @@ class Suite:
             "scale": args.scale,
             "args": {k: v for k, v in vars(args).items() if k != "worker"},
             "host": _host_info(),
+            "commit": _commit(),
+            "loadavg_1min_samples": [],
         }
+        self._t0 = time.monotonic()
         self.results_dir = os.path.join(args.out, "results")
         os.makedirs(self.results_dir, exist_ok=True)
         self.json_path = os.path.join(self.results_dir, f"{args.tag}.json")
@@ -213,6 +287,9 @@ class Suite:
 
     def _on_record(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        with contextlib.suppress(OSError):
+            load = os.getloadavg()[0]
+            self.meta["loadavg_1min_samples"].append([round(time.monotonic() - self._t0), load])
         log(_record_line(record))
 
     def _run(self, job: dict[str, Any], timeout: float) -> None:
@@ -225,6 +302,7 @@ class Suite:
         import report
 
         self.meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.meta["wall_s"] = time.monotonic() - self._t0
         with contextlib.suppress(OSError):
             self.meta["loadavg_end"] = os.getloadavg()
         results = {"meta": self.meta, "records": self.records}
@@ -254,10 +332,13 @@ class Suite:
         import methods
 
         a = self.args
-        chosen = methods.select_methods(_families(a.methods))
         scale = a.scale * (GPU_BASE_SCALE if section == "gpu" else 1.0)
         opt = "adamw" if section == "gpu" else "adam"
-        for tree in _families(a.trees) or []:
+        for tree, tree_families in _tree_plan(a.trees):
+            families = _families(a.methods)
+            if tree_families is not None:
+                families = [f for f in tree_families if families is None or f in families]
+            chosen = methods.select_methods(families)
             cases: list[dict[str, Any]] = [
                 {"id": "optimizer", "method": None, "mode": "optimizer", "label": opt},
                 {"id": "dispatch", "method": None, "mode": "dispatch", "label": "dispatch"},
@@ -297,26 +378,37 @@ class Suite:
 
     @staticmethod
     def _paired_groups(chosen: list[Any], opt: str, section: str) -> list[dict[str, Any]]:
-        """The comparisons behind the targets, each timed in alternation in one process.
+        """The comparisons timed in alternation, each group in one process.
 
-        On the GPU (1B parameters, every member holds its own params and Adam state) the
-        local variants other than the stats-free one are left out to bound the memory.
+        "chain" and "clip": the global clip, the local variants that attribute its cost,
+        Optax's global clip and the adaptive clippers. "chain-other" and "clip-other": the
+        other clippers of optaxclip beside their Optax equivalents. Every chain group starts
+        with the optimizer alone, every clip group with our global clip, the baselines of
+        the ratios. Two groups rather than one bound the memory: each member holds its own
+        parameters and optimizer state. On the GPU (1B parameters) only the global clip, the
+        stats-free variant and the adaptive clippers are timed.
         """
         import methods
 
         keys = [m.key for m in chosen]
         wanted = ["optaxclip:global", "variant:global_nostats"]
+        other: list[str] = []
         if section != "gpu":
             # The A/A control (the same clip, compiled and timed again) shows the run's noise.
             wanted += ["variant:global_again", "variant:global_bare"]
             # A step that logs our norm beside Adam: the floor of any norm-based clip. (Optax's
             # norm beside Adam writes the squares out, and its page faults would slow the next
             # member; it is timed on its own with the other cases.)
-            wanted += ["variant:norm_beside"]
+            wanted += ["variant:norm_beside", "optax:global"]
+            other = [
+                m.key
+                for m in chosen
+                if m.library in ("optaxclip", "optax")
+                and m.family != "global"
+                and m.family not in methods.ADAPTIVE_FAMILIES
+            ]
         wanted += [m.key for m in chosen if m.family in methods.ADAPTIVE_FAMILIES]
         present = [k for k in wanted if k in keys]
-        if "optaxclip:global" not in present:
-            return []
 
         def member(key: str | None, mode: str) -> dict[str, Any]:
             if key is None:
@@ -330,22 +422,42 @@ class Suite:
                 "mode": mode,
             }
 
-        chain = [member(None, "optimizer")] + [member(k, "chain") for k in present]
-        if "optax:global" in keys and section != "gpu":
-            chain.append(member("optax:global", "chain"))
-        # The bare clip stays out of the clip group: alone, on bfloat16 trees, its float32
-        # temporaries fault in fresh pages on every call and slow down whichever member runs
-        # after it, which would distort the ClipStats comparison this group serves.
-        # A norm stored beside is a reference for the chain only: alone it writes nothing.
-        clip = [
-            member(k, "clip")
-            for k in present
-            if k not in ("variant:global_bare", "variant:norm_beside")
-        ]
-        return [
-            {"id": "paired-chain", "group": "chain", "members": chain},
-            {"id": "paired-clip", "group": "clip", "members": clip},
-        ]
+        groups = []
+        if "optaxclip:global" in present:
+            # The bare clip stays out of the clip group: alone, on bfloat16 trees, its float32
+            # temporaries fault in fresh pages on every call and slow down whichever member
+            # runs after it, which would distort the ClipStats comparison this group serves.
+            # A norm stored beside is a reference for the chain only: alone it writes nothing.
+            clip_keys = [
+                k for k in present if k not in ("variant:global_bare", "variant:norm_beside")
+            ]
+            groups += [
+                {
+                    "id": "paired-chain",
+                    "group": "chain",
+                    "members": [member(None, "optimizer")] + [member(k, "chain") for k in present],
+                },
+                {
+                    "id": "paired-clip",
+                    "group": "clip",
+                    "members": [member(k, "clip") for k in clip_keys],
+                },
+            ]
+        if other:
+            reference = ["optaxclip:global"] if "optaxclip:global" in keys else []
+            groups += [
+                {
+                    "id": "paired-chain-other",
+                    "group": "chain-other",
+                    "members": [member(None, "optimizer")] + [member(k, "chain") for k in other],
+                },
+                {
+                    "id": "paired-clip-other",
+                    "group": "clip-other",
+                    "members": [member(k, "clip") for k in reference + other],
+                },
+            ]
+        return groups
 
     def _tree_args(self, tree: str) -> dict[str, Any]:
         if tree.startswith("transformer"):
@@ -356,7 +468,7 @@ class Suite:
 
     def torch(self) -> None:
         a = self.args
-        for tree in _families(a.trees) or []:
+        for tree, _ in _tree_plan(a.trees):
             cases = [
                 {"id": key, "method": key, "mode": mode, "passes": passes, "label": label}
                 for key, mode, passes, label in TORCH_CASES
@@ -373,6 +485,50 @@ class Suite:
             }
             log(f"torch: tree {tree}")
             self._run(job, a.case_timeout)
+
+    def train_step(self) -> None:
+        """Whole training steps of the GPT-like model, with and without a clip, alternated."""
+        import methods
+        import model
+
+        a = self.args
+        cfg = model.TRAIN_MODELS[a.train_model]
+        families = _families(a.methods)
+        keys = [m.key for m in methods.select_methods(families) if m.key in TRAIN_METHODS]
+        baseline = [
+            {"method": None, "label": "AdamW alone"},
+            {"method": None, "label": "AdamW alone again (A/A control)", "control": True},
+        ]
+        jax_members = baseline + [
+            {"method": k, "label": f"{methods.method_by_key(k).label} + AdamW"} for k in keys
+        ]
+        torch_members = [
+            {"method": None, "label": "AdamW(fused) alone"},
+            {"method": None, "label": "AdamW(fused) alone again (A/A control)", "control": True},
+            {
+                "method": "torch:clip_norm",
+                "label": "clip_grad_norm_(1.0, foreach=True) + AdamW(fused)",
+            },
+        ]
+        common = {"section": "train_step"}
+        job = {
+            "kind": "train_step",
+            "model": cfg.as_dict(),
+            "reps": a.train_reps,
+            "warmup": a.warmup,
+            "common": common,
+            "cases": [{"id": "train-jax", "members": jax_members}],
+        }
+        log(f"train_step: {cfg.summary()}, {len(jax_members)} JAX steps in alternation")
+        self._run(job, a.case_timeout)
+        if not a.no_torch:
+            log("train_step: the same model in PyTorch")
+            torch_job = {
+                **job,
+                "kind": "train_step_torch",
+                "cases": [{"id": "train-torch", "members": torch_members}],
+            }
+            self._run(torch_job, a.case_timeout)
 
     def compile(self) -> None:
         import methods
@@ -460,12 +616,27 @@ class Suite:
             elif section == "torch":
                 if not self.args.no_torch:
                     self.torch()
+            elif section == "train_step":
+                self.train_step()
             elif section == "compile":
                 self.compile()
             else:
                 raise SystemExit(f"unknown section {section!r}")
         self.save()
         log(f"wrote {self.json_path} and {self.md_path}")
+
+
+def _commit() -> str | None:
+    """The checkout's HEAD commit (read only; local edits are not recorded)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 def _host_info() -> dict[str, Any]:
@@ -476,7 +647,7 @@ def _host_info() -> dict[str, Any]:
     try:
         import importlib.metadata as md
 
-        for pkg in ("jax", "jaxlib", "optax", "torch", "numpy"):
+        for pkg in ("jax", "jaxlib", "optax", "flax", "torch", "numpy"):
             with contextlib.suppress(md.PackageNotFoundError):
                 info[pkg] = md.version(pkg)
     except ImportError:
@@ -519,8 +690,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown = report.render(results)
         print(markdown)
         if args.write_docs:
-            summary = report.render_summary(results, full_report=args.report)
-            report.write_docs(os.path.join(ROOT, "docs", "performance.md"), summary)
+            report.write_docs(DOCS_PAGE, report.page_blocks(results))
         return
     if args.gpu:
         # Every child inherits this: the 1B-parameter comparisons hold up to ~11 trees of
@@ -534,8 +704,7 @@ def main(argv: list[str] | None = None) -> None:
         results = json.load(f)
     print(report.render(results))
     if args.write_docs:
-        summary = report.render_summary(results, full_report=os.path.relpath(suite.md_path, ROOT))
-        report.write_docs(os.path.join(ROOT, "docs", "performance.md"), summary)
+        report.write_docs(DOCS_PAGE, report.page_blocks(results))
 
 
 if __name__ == "__main__":
